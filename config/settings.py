@@ -1,0 +1,304 @@
+"""The one settings schema of the knitwatch daemon.
+
+Sources, in increasing priority:
+
+1. built-in defaults (the field defaults below),
+2. a TOML file: ``--config PATH``, else ``/etc/knitwatch/knitwatch.toml`` when it exists,
+3. environment variables ``KNITWATCH_<SECTION>__<KEY>`` (for example ``KNITWATCH_API__PORT=9000``;
+   list sections such as ``cameras`` take JSON: ``KNITWATCH_CAMERAS='[{"id": "cam1"}]'``).
+
+Unknown keys are errors everywhere (``extra="forbid"``), so a typo never silently falls back to a
+default. :func:`load_settings` raises :class:`ConfigError` with one :class:`ConfigProblem` per
+problem (key path, value, message); the CLI prints them and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/knitwatch/knitwatch.toml")
+ENV_PREFIX = "KNITWATCH_"
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SimulatorConfig(Section):
+    """The built-in knitted-fabric simulator used as a camera (``source = "simulator"``)."""
+
+    texture: Literal["jersey", "pique"] = "jersey"
+    pitch_px: float = Field(6.0, ge=2.0, le=64.0, description="loop (wale) pitch in pixels")
+    speed_px: float = Field(40.0, gt=0, le=1000, description="sideways web movement per frame")
+    revolution_frames: int = Field(200, ge=2, description="frames per machine revolution")
+    brightness: float = Field(128.0, ge=10, le=245)
+    random_defect_rate: float = Field(0.0, ge=0, le=1, description="chance per frame of a new defect")
+    seed: int = 0
+
+
+class CameraConfig(Section):
+    """One camera: where frames come from."""
+
+    id: str = Field("cam0", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    source: Literal["simulator", "opencv", "folder"] = "simulator"
+    uri: str = Field(
+        "",
+        description="opencv: device index, file, RTSP/HTTP URL or GStreamer pipeline; folder: a directory",
+    )
+    fps: float = Field(10.0, gt=0, le=240)
+    width: int = Field(1280, ge=16, le=16384)
+    height: int = Field(1024, ge=16, le=16384)
+    loop: bool = Field(True, description="folder source: start again at the end")
+    roi: tuple[int, int, int, int] | None = Field(None, description="x0, y0, x1, y1 in frame pixels")
+    pixel_threshold: float | None = Field(None, description="overrides the checkpoint's pixel threshold")
+    simulator: SimulatorConfig = SimulatorConfig()
+
+    @model_validator(mode="after")
+    def _source_needs_uri(self) -> CameraConfig:
+        if self.source in ("opencv", "folder") and not self.uri:
+            raise ValueError(f"source '{self.source}' needs 'uri'")
+        if self.roi is not None:
+            x0, y0, x1, y1 = self.roi
+            if not (0 <= x0 < x1 and 0 <= y0 < y1):
+                raise ValueError(f"roi {self.roi} must satisfy 0 <= x0 < x1 and 0 <= y0 < y1")
+        return self
+
+
+class TilingConfig(Section):
+    """Live tiling. Tile size, stride and normalisation come from the checkpoint (one preprocessing
+    path); here only what is a property of the installation."""
+
+    scale_mode: Literal["checkpoint", "estimate"] = Field(
+        "checkpoint",
+        description="checkpoint: the scale the model was trained with; estimate: measure the loop pitch",
+    )
+    pitch_refresh_frames: int = Field(100, ge=1, description="estimate mode: re-measure every N frames")
+
+
+class ModelConfig(Section):
+    checkpoint: Path | None = Field(None, description="model checkpoint (knitwatch train --out)")
+
+
+class InferenceConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["torch", "onnxruntime"] = "torch"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp16"
+    max_batch_tiles: int = Field(64, ge=1, le=4096)
+    max_wait_ms: float = Field(50.0, ge=0, le=10000)
+    workers: int = Field(1, ge=1, le=64)
+
+
+class AlertConfig(Section):
+    confirm_k: int = Field(2, ge=1, description="a defect must be seen in k of the last n frames")
+    confirm_n: int = Field(3, ge=1)
+    min_area_px: int = Field(20, ge=1)
+    cooldown_frames: int = Field(50, ge=0, description="frames after an event before the same camera fires again")
+    image_threshold: float | None = Field(None, description="overrides the checkpoint's image threshold")
+    pixel_threshold: float | None = Field(None, description="overrides the checkpoint's pixel threshold")
+
+    @model_validator(mode="after")
+    def _k_le_n(self) -> AlertConfig:
+        if self.confirm_k > self.confirm_n:
+            raise ValueError(f"confirm_k ({self.confirm_k}) must not exceed confirm_n ({self.confirm_n})")
+        return self
+
+
+class PlcConfig(Section):
+    driver: Literal["log", "modbus", "opcua", "command"] = "log"
+    host: str = "127.0.0.1"
+    port: int = Field(502, ge=1, le=65535)
+    unit_id: int = Field(1, ge=0, le=255)
+    stop_coil: int = Field(0, ge=0, le=65535)
+    heartbeat_coil: int = Field(1, ge=0, le=65535)
+    heartbeat_s: float = Field(1.0, gt=0, le=60)
+    opcua_node: str = ""
+    command: list[str] = Field(default_factory=list, description="program and arguments for driver 'command'")
+
+
+class StoreConfig(Section):
+    path: Path = Path("/var/lib/knitwatch")
+    retention_days: int = Field(30, ge=1)
+    max_gb: float = Field(10.0, gt=0)
+
+
+class ApiConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    token: str | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> ApiConfig:
+        if not _is_loopback(self.host) and not (self.token or self.token_file):
+            raise ValueError(f"binding {self.host!r} (not loopback) requires 'token' or 'token_file'")
+        return self
+
+
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "console", "json"] = "auto"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("knitwatch_toml", default=None)
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told. See ``config/knitwatch.example.toml``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    cameras: list[CameraConfig] = Field(default_factory=lambda: [CameraConfig()])
+    tiling: TilingConfig = TilingConfig()
+    model: ModelConfig = ModelConfig()
+    inference: InferenceConfig = InferenceConfig()
+    alert: AlertConfig = AlertConfig()
+    plc: PlcConfig = PlcConfig()
+    store: StoreConfig = StoreConfig()
+    api: ApiConfig = ApiConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_ids(cls, cams: list[CameraConfig]) -> list[CameraConfig]:
+        if not cams:
+            raise ValueError("at least one camera is required")
+        ids = [c.id for c in cams]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"camera ids must be unique, repeated: {', '.join(dup)}")
+        return cams
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _toml_path.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with the configuration."""
+
+    key: str
+    value: Any
+    message: str
+    source: str = ""
+
+    def __str__(self) -> str:
+        where = f" ({self.source})" if self.source else ""
+        if self.value is _MISSING:
+            return f"{self.key}: {self.message}{where}"
+        return f"{self.key} = {self.value!r}: {self.message}{where}"
+
+
+_MISSING = object()
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` names each key and value."""
+
+    def __init__(self, problems: list[ConfigProblem], path: Path | None = None) -> None:
+        self.problems = problems
+        self.path = path
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+def resolve_config_path(path: Path | str | None) -> Path | None:
+    """The TOML file to read: the given one, else the system default when it exists, else none."""
+    if path is not None:
+        return Path(path)
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def _key_source(key: str, env: dict[str, str]) -> str:
+    """Tell whether a key path was set by an environment variable (best effort, for messages)."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        name = ENV_PREFIX + "__".join(p for p in parts[:n] if not p.isdigit()).upper()
+        if name in env:
+            return f"from environment variable {name}"
+    return ""
+
+
+def load_settings(path: Path | str | None = None, *, use_default_path: bool = True) -> Settings:
+    """Load defaults < TOML file < environment. Raises :class:`ConfigError` on any problem."""
+    toml = resolve_config_path(path) if use_default_path or path is not None else None
+    if toml is not None:
+        if not toml.is_file():
+            raise ConfigError([ConfigProblem("--config", str(toml), "file not found")], toml)
+        try:
+            tomllib.loads(toml.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError([ConfigProblem(str(toml), _MISSING, f"not valid TOML: {e}")], toml) from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError([ConfigProblem(str(toml), _MISSING, f"cannot read: {e}")], toml) from e
+    unknown = [
+        ConfigProblem(name, value, "unknown setting (sections: " + ", ".join(Settings.model_fields) + ")")
+        for name, value in sorted(os.environ.items())
+        if name.upper().startswith(ENV_PREFIX)
+        and name[len(ENV_PREFIX) :].split("__")[0].lower() not in Settings.model_fields
+    ]
+    if unknown:
+        raise ConfigError(unknown, toml)
+    token = _toml_path.set(toml)
+    try:
+        return Settings()
+    except ValidationError as e:
+        env = {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX)}
+        problems = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see config/knitwatch.example.toml)"
+            value = err.get("input", _MISSING)
+            if isinstance(value, dict):  # model-level errors carry the whole section: do not dump it
+                value = _MISSING
+            problems.append(ConfigProblem(key, value, msg, _key_source(key, env) or (str(toml) if toml else "")))
+        raise ConfigError(problems, toml) from None
+    finally:
+        _toml_path.reset(token)

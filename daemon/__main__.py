@@ -1,0 +1,3 @@
+from knitwatch.daemon.cli import run
+
+run()

@@ -1,0 +1,172 @@
+"""The ``knitwatch`` command line.
+
+Global options (``--config``, ``--log-format``, ``--log-level``) come before the subcommand. Each
+subcommand is a function ``cmd_<name>(args) -> int``; problems the user can fix raise
+:class:`CliError` (message on stderr, exit code 2 for bad input/config, 1 for failures) so no
+traceback reaches the terminal for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from knitwatch.config import ConfigError, Settings, load_settings
+from knitwatch.daemon.logs import setup_logging
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    """A problem to report in one line, without a traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def package_version() -> str:
+    try:
+        return version("knitwatch")
+    except PackageNotFoundError:  # running from a source tree without install
+        return "0+unknown"
+
+
+def load_config(args: argparse.Namespace) -> Settings:
+    """Settings from ``--config`` (or the system default) plus the environment; exit 2 on problems."""
+    try:
+        return load_settings(args.config)
+    except ConfigError as e:
+        where = f" in {e.path}" if e.path else ""
+        lines = [f"knitwatch: configuration is invalid{where} ({len(e.problems)} problem(s)):"]
+        lines += [f"  - {p}" for p in e.problems]
+        raise CliError("\n".join(lines), EXIT_USAGE) from None
+
+
+# ---------------------------------------------------------------- config check
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Render settings (nested dicts, lists of dicts) as TOML; ``None`` values are shown as comments."""
+    scalars, tables, arrays = [], [], []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+            arrays.append((key, value))
+        elif value is None:
+            scalars.append(f"# {key} = (not set)")
+        else:
+            scalars.append(f"{key} = {_toml_value(value)}")
+    out = "\n".join(scalars) + ("\n" if scalars else "")
+    for key, value in tables:
+        name = f"{prefix}{key}"
+        out += f"\n[{name}]\n" + to_toml(value, f"{name}.")
+    for key, items in arrays:
+        name = f"{prefix}{key}"
+        for item in items:
+            nested = {k: v for k, v in item.items() if isinstance(v, dict)}
+            flat = {k: v for k, v in item.items() if not isinstance(v, dict)}
+            out += f"\n[[{name}]]\n" + to_toml(flat)
+            for nk, nv in nested.items():
+                out += f"\n[{name}.{nk}]\n" + to_toml(nv, f"{name}.{nk}.")
+    return out
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    settings = load_config(args)
+    data = settings.model_dump(mode="json")
+    if args.json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    else:
+        sys.stdout.write(to_toml(data).lstrip("\n"))
+    log.info("configuration is valid", config=str(args.config) if args.config else "defaults/environment")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="knitwatch",
+        description="Inspect knitted fabric on circular knitting machines, stop the machine on defects, "
+        "and keep a picture of every defect.",
+        epilog="Settings: defaults < TOML file (--config, else /etc/knitwatch/knitwatch.toml) < "
+        "environment KNITWATCH_<SECTION>__<KEY>. Run 'knitwatch COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"knitwatch {package_version()}")
+    parser.add_argument("--config", type=Path, metavar="PATH", help="TOML config file")
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "console", "json"],
+        default=None,
+        help="log output: console (human), json (lines); auto = console on a terminal (default: config)",
+    )
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (default: config)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    cfg = sub.add_parser("config", help="inspect the configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    cfg_sub.required = True
+    check = cfg_sub.add_parser(
+        "check",
+        help="validate the config file plus environment and print the effective settings",
+        description="Validate the config file plus environment and print the effective settings "
+        "(like 'nginx -t'). Exit code 2 when anything is wrong.",
+    )
+    check.add_argument("--config", type=Path, metavar="PATH", default=argparse.SUPPRESS, help="TOML config file")
+    check.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    check.set_defaults(func=cmd_config_check)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+#: Other modules' ``register(subparsers)`` functions, each adding its subcommands.
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Logging first from the command line (the config might be what is broken), then from the config.
+    level = args.log_level or "INFO"
+    fmt = args.log_format or "auto"
+    try:
+        setup_logging("cli", level=level, fmt=fmt)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        return int(args.func(args) or EXIT_OK)
+    except CliError as e:
+        sys.stderr.write(f"{e}\n" if str(e).startswith("knitwatch:") else f"knitwatch: error: {e}\n")
+        return e.code
+    except KeyboardInterrupt:
+        sys.stderr.write("knitwatch: interrupted\n")
+        return 130
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+AITEX = SHARED_DATA / "aitex-dev"
+
+
+@pytest.fixture(autouse=True)
+def _clean_knitwatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests start without the caller's KNITWATCH_* variables (they would change the settings)."""
+    for name in list(os.environ):
+        if name.upper().startswith("KNITWATCH_"):
+            monkeypatch.delenv(name)
+
+
+def needs_aitex(fabric: str = "") -> pytest.MarkDecorator:
+    path = AITEX / fabric if fabric else AITEX
+    return pytest.mark.skipif(not path.is_dir(), reason=f"real fabric data not present at {path}")
