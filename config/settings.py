@@ -81,14 +81,17 @@ class CameraConfig(Section):
 
 
 class TilingConfig(Section):
-    """Live tiling. Tile size, stride and normalisation come from the checkpoint (one preprocessing
-    path); here only what is a property of the installation."""
+    """Live tiling. Tile size, stride, normalisation and the scale policy come from the checkpoint
+    (one preprocessing path); here only what is a property of the installation."""
 
-    scale_mode: Literal["checkpoint", "estimate"] = Field(
-        "checkpoint",
-        description="checkpoint: the scale the model was trained with; estimate: measure the loop pitch",
+    scale: float | None = Field(
+        None,
+        gt=0,
+        le=16,
+        description="fixed resize factor for all cameras; default: the checkpoint's (fixed, or measured "
+        "from the loop pitch when the model was trained with a target pitch)",
     )
-    pitch_refresh_frames: int = Field(100, ge=1, description="estimate mode: re-measure every N frames")
+    pitch_refresh_frames: int = Field(50, ge=1, description="re-measure the loop pitch every N frames")
 
 
 class ModelConfig(Section):
@@ -101,7 +104,32 @@ class InferenceConfig(Section):
     precision: Literal["fp32", "fp16", "bf16"] = "fp16"
     max_batch_tiles: int = Field(64, ge=1, le=4096)
     max_wait_ms: float = Field(50.0, ge=0, le=10000)
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = Field(1, ge=1, le=64, description="inference worker processes started on this host")
+    tiles_endpoint: str | None = Field(
+        None, description="where the tiler offers tiles, e.g. tcp://0.0.0.0:5601 for workers on other hosts"
+    )
+    results_endpoint: str | None = Field(None, description="where the alert stage collects results, e.g. tcp://...")
+
+    @field_validator("tiles_endpoint", "results_endpoint")
+    @classmethod
+    def _zmq_endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("tcp://", "ipc://")):
+            raise ValueError("must start with tcp:// or ipc://")
+        return v
+
+
+class DaemonConfig(Section):
+    """The supervisor: where sockets live, how stages are watched and restarted."""
+
+    runtime_dir: Path | None = Field(
+        None, description="sockets; default $RUNTIME_DIRECTORY (systemd), else a private temp directory"
+    )
+    stats_interval_s: float = Field(5.0, gt=0, le=3600)
+    stall_s: float = Field(10.0, gt=0, description="a stage silent this long is killed and restarted")
+    startup_grace_s: float = Field(120.0, gt=0, description="time a stage may take to start (model loading)")
+    max_restarts_per_minute: int = Field(5, ge=1)
+    drain_s: float = Field(3.0, gt=0, description="per stage, time to finish in-flight frames at shutdown")
+    coverage_warn: float = Field(0.95, ge=0, le=1, description="warn when inspected/captured falls below")
 
 
 class AlertConfig(Section):
@@ -109,6 +137,7 @@ class AlertConfig(Section):
     confirm_n: int = Field(3, ge=1)
     min_area_px: int = Field(20, ge=1)
     cooldown_frames: int = Field(50, ge=0, description="frames after an event before the same camera fires again")
+    decisions_log: Path | None = Field(None, description="append every frame's decision as a JSON line (audit)")
     image_threshold: float | None = Field(None, description="overrides the checkpoint's image threshold")
     pixel_threshold: float | None = Field(None, description="overrides the checkpoint's pixel threshold")
 
@@ -187,6 +216,7 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     inference: InferenceConfig = InferenceConfig()
     alert: AlertConfig = AlertConfig()
+    daemon: DaemonConfig = DaemonConfig()
     plc: PlcConfig = PlcConfig()
     store: StoreConfig = StoreConfig()
     api: ApiConfig = ApiConfig()

@@ -103,6 +103,39 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- run (the daemon)
+
+
+def checkpoint_summary(path: Path | None) -> dict:
+    """What the supervisor needs from the checkpoint (its preprocessing and thresholds)."""
+    from knitwatch.models.checkpoint import CheckpointError, load_checkpoint
+
+    if path is None:
+        raise CliError("no model: set [model] checkpoint in the config or pass --checkpoint PATH "
+                       "(make one with 'knitwatch train')")
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise CliError(str(e)) from None
+    return {"path": str(path), "preprocess": ckpt.preprocess, "thresholds": ckpt.thresholds, "kind": ckpt.kind}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from knitwatch.daemon.supervisor import Supervisor
+
+    settings = load_config(args)
+    if args.checkpoint is not None:
+        settings.model.checkpoint = args.checkpoint
+    if args.decisions_log is not None:
+        settings.alert.decisions_log = args.decisions_log
+    ckpt = checkpoint_summary(settings.model.checkpoint)
+    level = args.log_level or settings.logging.level
+    fmt = args.log_format or settings.logging.format
+    setup_logging("supervisor", level=level, fmt=fmt)
+    sup = Supervisor(settings, checkpoint=ckpt, log_level=level, log_format="json" if fmt == "auto" else fmt)
+    return sup.run()
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -138,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, metavar="PATH", default=argparse.SUPPRESS, help="TOML config file")
     check.add_argument("--json", action="store_true", help="print JSON instead of TOML")
     check.set_defaults(func=cmd_config_check)
+
+    run = sub.add_parser(
+        "run",
+        help="run the inspection daemon (capture -> tiler -> infer -> alert)",
+        description="Run the inspection daemon with the configured cameras and model until SIGTERM/Ctrl-C.",
+    )
+    run.add_argument("--config", type=Path, metavar="PATH", default=argparse.SUPPRESS, help="TOML config file")
+    run.add_argument("--checkpoint", type=Path, metavar="CKPT", help="model checkpoint (overrides [model])")
+    run.add_argument("--decisions-log", type=Path, metavar="FILE", help="append every frame's decision as JSON")
+    run.set_defaults(func=cmd_run)
 
     for register in EXTRA_COMMANDS:
         register(sub)

@@ -1,0 +1,367 @@
+"""The supervisor: starts the stage processes, watches their heartbeats, restarts what dies or
+stalls, reports statistics, talks to systemd, and shuts everything down in order.
+
+Start order: alert, tiler, inference workers; the cameras start once every worker has loaded and
+warmed up its model (then ``READY=1``), so no frame is captured that nobody can inspect. Shutdown
+order (SIGTERM/SIGINT): capture, tiler, infer, alert - each stage drains what is in flight within
+``drain_s`` before the next one is asked to stop; what does not stop in time is killed.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import zmq
+
+from knitwatch.config import Settings
+from knitwatch.daemon.logs import setup_logging
+from knitwatch.pipeline import wire
+
+log = structlog.get_logger(__name__)
+
+LAYERS = ("capture", "tiler", "infer", "alert")
+
+
+def sd_notify(message: str) -> bool:
+    """Send a datagram to systemd's ``$NOTIFY_SOCKET`` (no-op when not run by systemd)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+        return True
+    except OSError as e:
+        log.warning("sd_notify failed", error=str(e))
+        return False
+
+
+def _child(module: str, name: str, kwargs: dict, log_level: str, log_format: str) -> None:
+    """Entry point of every stage process (spawned)."""
+    setup_logging(name, level=log_level, fmt=log_format)
+    try:
+        rc = importlib.import_module(module).run(name=name, **kwargs)
+    except Exception:
+        structlog.get_logger("knitwatch.stage").exception("stage crashed", stage_name=name)
+        rc = 1
+    sys.exit(rc)
+
+
+@dataclass
+class StageSpec:
+    name: str
+    layer: str
+    module: str
+    kwargs: dict
+
+
+@dataclass
+class StageProc:
+    spec: StageSpec
+    process: Any = None
+    started_at: float = 0.0
+    last_beat: float = 0.0
+    stats: dict = field(default_factory=dict)
+    restarts: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
+    restart_count: int = 0
+    restart_at: float | None = None
+    backoff: float = 1.0
+    pid: int | None = None
+
+
+class Counter:
+    """Cumulative counter across process restarts (a stage's counters start again at 0)."""
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.last = 0
+
+    def update(self, value: int) -> int:
+        if value < self.last:
+            self.base += self.last
+        self.last = value
+        return self.base + value
+
+
+class GiveUp(Exception):
+    pass
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, *, checkpoint: dict, log_level: str = "INFO", log_format: str = "json",
+                 run_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.ckpt = checkpoint  # {"path", "preprocess", "thresholds"}
+        self.log_level, self.log_format = log_level, log_format
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.run_dir = run_dir or self._runtime_dir()
+        self.endpoints = {
+            "control": f"ipc://{self.run_dir}/control.sock",
+            "frames": f"ipc://{self.run_dir}/frames.sock",
+            "tiles": settings.inference.tiles_endpoint or f"ipc://{self.run_dir}/tiles.sock",
+            "results": settings.inference.results_endpoint or f"ipc://{self.run_dir}/results.sock",
+        }
+        self.mp = mp.get_context("spawn")
+        self.procs: dict[str, StageProc] = {s.name: StageProc(s) for s in self.specs()}
+        self.stop_signal: int | None = None
+        self.ready = False
+        self.started = time.monotonic()
+        self.snapshot: dict[str, Any] = {}
+        self._totals: dict[tuple[str, str], Counter] = collections.defaultdict(Counter)
+        self._window: collections.deque = collections.deque(maxlen=12)  # (t, {cam: (captured, inspected)})
+
+    def _runtime_dir(self) -> Path:
+        d = self.settings.daemon.runtime_dir or os.environ.get("RUNTIME_DIRECTORY")
+        if d:
+            p = Path(str(d).split(":")[0])
+            p.mkdir(parents=True, exist_ok=True)
+            return p
+        self._tmp = tempfile.TemporaryDirectory(prefix="knitwatch-")
+        return Path(self._tmp.name)
+
+    # ------------------------------------------------------------------ stages
+    def specs(self) -> list[StageSpec]:
+        s = self.settings
+        ep = self.endpoints
+        cams = [c.model_dump(mode="json") for c in s.cameras]
+        out = [
+            StageSpec("alert", "alert", "knitwatch.pipeline.stages.alert", {
+                "results_endpoint": ep["results"], "thresholds": self.ckpt["thresholds"],
+                "alert": s.alert.model_dump(mode="json"), "cameras": cams,
+                "decisions_path": str(s.alert.decisions_log) if s.alert.decisions_log else None,
+            }),
+            StageSpec("tiler", "tiler", "knitwatch.pipeline.stages.tiler", {
+                "frames_endpoint": ep["frames"], "tiles_endpoint": ep["tiles"], "preprocess": self.ckpt["preprocess"],
+                "cameras": cams, "scale": s.tiling.scale, "refresh_frames": s.tiling.pitch_refresh_frames,
+            }),
+        ]
+        for i in range(s.inference.workers):
+            out.append(StageSpec(f"infer.{i}", "infer", "knitwatch.pipeline.stages.infer", {
+                "tiles_endpoint": ep["tiles"], "results_endpoint": ep["results"], "checkpoint": self.ckpt["path"],
+                "device": s.inference.device, "max_batch_tiles": s.inference.max_batch_tiles,
+                "max_wait_ms": s.inference.max_wait_ms,
+            }))
+        for cam in cams:
+            out.append(StageSpec(f"capture.{cam['id']}", "capture", "knitwatch.pipeline.stages.capture", {
+                "camera": cam, "frames_endpoint": ep["frames"],
+            }))
+        return out
+
+    def _start(self, sp: StageProc) -> None:
+        kwargs = {"control_endpoint": self.endpoints["control"], **sp.spec.kwargs}
+        p = self.mp.Process(target=_child, name=f"knitwatch-{sp.spec.name}",
+                            args=(sp.spec.module, sp.spec.name, kwargs, self.log_level, self.log_format))
+        p.start()
+        sp.process, sp.pid = p, p.pid
+        sp.started_at = sp.last_beat = time.monotonic()
+        sp.restart_at = None
+        sp.stats = {}
+        log.info("stage started", stage_name=sp.spec.name, child_pid=p.pid)
+
+    def _alive(self, sp: StageProc) -> bool:
+        return sp.process is not None and sp.process.is_alive()
+
+    def _schedule_restart(self, sp: StageProc, reason: str) -> None:
+        now = time.monotonic()
+        sp.restarts.append(now)
+        sp.restart_count += 1
+        recent = sum(1 for t in sp.restarts if now - t < 60)
+        limit = self.settings.daemon.max_restarts_per_minute
+        log.error("stage failed, restarting", stage_name=sp.spec.name, reason=reason, restarts=sp.restart_count,
+                  retry_in_s=sp.backoff)
+        if recent > limit:
+            raise GiveUp(f"stage {sp.spec.name} failed {recent} times within a minute (limit {limit}): giving up")
+        sp.restart_at = now + sp.backoff
+        sp.backoff = min(sp.backoff * 2, 30.0)
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        d = self.settings.daemon
+        for sp in self.procs.values():
+            if sp.process is None:
+                continue
+            if sp.restart_at is not None:
+                if now >= sp.restart_at:
+                    self._start(sp)
+                continue
+            if not sp.process.is_alive():
+                self._schedule_restart(sp, f"exited with code {sp.process.exitcode}")
+                continue
+            ready = sp.stats.get("ready", True)
+            limit = d.startup_grace_s if not ready else d.stall_s
+            if now - sp.last_beat > limit:
+                sp.process.kill()
+                sp.process.join(5)
+                self._schedule_restart(sp, f"no heartbeat for {now - sp.last_beat:.1f} s")
+            elif sp.last_beat - sp.started_at > 30 and sp.backoff > 1.0:
+                sp.backoff = 1.0  # ran well for a while: the next failure restarts quickly again
+
+    def healthy(self) -> bool:
+        now = time.monotonic()
+        return all(
+            sp.process is not None and sp.process.is_alive() and sp.restart_at is None
+            and now - sp.last_beat <= self.settings.daemon.stall_s and sp.stats.get("ready", True)
+            for sp in self.procs.values()
+        )
+
+    # ------------------------------------------------------------------ statistics
+    def _collect(self, ctl: zmq.Socket, timeout_ms: int) -> None:
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            if not ctl.poll(max(0, left)):
+                return
+            try:
+                msg = wire.recv(ctl)
+                sp = self.procs.get(msg["stage"])
+                if sp is None or msg.kind != "heartbeat":
+                    raise wire.WireError(f"heartbeat from unknown stage {msg.header.get('stage')!r}")
+            except wire.WireError as e:
+                log.warning("bad control message", reason=str(e))
+                continue
+            if sp.process is not None and msg["pid"] == sp.process.pid:
+                sp.last_beat = time.monotonic()
+                sp.stats = msg["stats"]
+
+    def _stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        stages = {}
+        captured: dict[str, int] = {}
+        inspected: dict[str, int] = {}
+        for name, sp in self.procs.items():
+            st = dict(sp.stats)
+            stages[name] = {"pid": sp.pid, "alive": self._alive(sp), "restarts": sp.restart_count,
+                            "last_heartbeat_s": round(now - sp.last_beat, 2), **st}
+            if sp.spec.layer == "capture":
+                cam = sp.spec.kwargs["camera"]["id"]
+                captured[cam] = self._totals[(name, "captured")].update(int(st.get("captured", 0)))
+                self._totals[(name, "dropped")].update(int(st.get("dropped", 0)))
+            if sp.spec.layer == "alert":
+                for cam, cs in st.get("cameras", {}).items():
+                    inspected[cam] = self._totals[(f"alert/{cam}", "inspected")].update(int(cs["inspected"]))
+        self._window.append((now, {c: (captured.get(c, 0), inspected.get(c, 0)) for c in captured}))
+        cameras = {}
+        t0, first = self._window[0]
+        for cam, (cap, ins) in self._window[-1][1].items():
+            cap0, ins0 = first.get(cam, (0, 0))
+            dcap, dins = cap - cap0, ins - ins0
+            coverage = min(1.0, dins / dcap) if dcap > 0 else None
+            alert_cam = stages.get("alert", {}).get("cameras", {}).get(cam, {})
+            cameras[cam] = {
+                "captured": cap,
+                "inspected": ins,
+                "dropped": self._totals[(f"capture.{cam}", "dropped")].update(
+                    int(self.procs[f"capture.{cam}"].stats.get("dropped", 0))),
+                "fps": round(dcap / (now - t0), 2) if now > t0 else None,
+                "coverage": None if coverage is None else round(coverage, 4),
+                "latency_ms": alert_cam.get("latency_ms", {}),
+                "events": alert_cam.get("events", 0),
+            }
+        model_ms = [s.get("model_ms", {}).get("p50") for n, s in stages.items() if n.startswith("infer")]
+        return {
+            "uptime_s": round(now - self.started, 1),
+            "ready": self.ready,
+            "healthy": self.healthy(),
+            "cameras": cameras,
+            "stages": stages,
+            "model_ms_p50": [m for m in model_ms if m is not None],
+        }
+
+    def _report(self) -> None:
+        self.snapshot = self._stats()
+        log.info("stats", cameras=self.snapshot["cameras"], healthy=self.snapshot["healthy"],
+                 restarts={n: sp.restart_count for n, sp in self.procs.items() if sp.restart_count})
+        for cam, c in self.snapshot["cameras"].items():
+            if c["coverage"] is not None and c["coverage"] < self.settings.daemon.coverage_warn:
+                log.warning("inspection coverage is low: defects may pass uninspected", camera=cam,
+                            coverage=c["coverage"], dropped=c["dropped"])
+
+    # ------------------------------------------------------------------ run
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stop_signal = signum
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (exit 0) or until a stage fails too often (exit 1)."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        zctx = zmq.Context()
+        ctl = zctx.socket(zmq.PULL)
+        ctl.setsockopt(zmq.LINGER, 0)
+        ctl.bind(self.endpoints["control"])
+        code = 0
+        try:
+            for sp in self.procs.values():
+                if sp.spec.layer != "capture":
+                    self._start(sp)
+            watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
+            last_stats = last_dog = time.monotonic()
+            while self.stop_signal is None:
+                self._collect(ctl, 200)
+                if not self.ready and all(
+                    sp.stats.get("ready") for sp in self.procs.values() if sp.spec.layer == "infer"
+                ) and all(self._alive(sp) for sp in self.procs.values() if sp.spec.layer != "capture"):
+                    for sp in self.procs.values():
+                        if sp.spec.layer == "capture":
+                            self._start(sp)
+                    self.ready = True
+                    sd_notify("READY=1\nSTATUS=inspecting")
+                    log.info("daemon ready", cameras=[c.id for c in self.settings.cameras],
+                             run_dir=str(self.run_dir))
+                self._watch()
+                now = time.monotonic()
+                if watchdog_s and now - last_dog >= watchdog_s and self.healthy():
+                    sd_notify("WATCHDOG=1")
+                    last_dog = now
+                if now - last_stats >= self.settings.daemon.stats_interval_s:
+                    self._report()
+                    last_stats = now
+        except GiveUp as e:
+            log.critical(str(e))
+            sd_notify(f"STATUS={e}")
+            code = 1
+        finally:
+            sd_notify("STOPPING=1")
+            self.shutdown(ctl)
+            ctl.close()
+            zctx.term()
+            if self._tmp is not None:
+                self._tmp.cleanup()
+        log.info("daemon stopped", exit_code=code, signal=self.stop_signal)
+        return code
+
+    def shutdown(self, ctl: zmq.Socket | None = None) -> None:
+        drain = self.settings.daemon.drain_s
+        for layer in LAYERS:
+            group = [sp for sp in self.procs.values() if sp.spec.layer == layer and self._alive(sp)]
+            for sp in group:
+                os.kill(sp.process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + drain
+            for sp in group:
+                while sp.process.is_alive() and time.monotonic() < deadline:
+                    if ctl is not None:
+                        self._collect(ctl, 50)
+                    else:
+                        sp.process.join(0.05)
+                if sp.process.is_alive():
+                    log.warning("stage did not stop in time, killing it", stage_name=sp.spec.name)
+                    sp.process.kill()
+                sp.process.join(5)
+        if ctl is not None:
+            self._collect(ctl, 0)
+        self.snapshot = self._stats()
+        log.info("final stats", cameras=self.snapshot["cameras"])

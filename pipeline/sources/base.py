@@ -1,0 +1,183 @@
+"""Frame sources: what a capture process reads from.
+
+Every source has ``open()``, ``read() -> ndarray | None`` (None: no frame now - a stall or the end)
+and ``close()``; ``open``/``read`` raise :class:`SourceError` when the device is gone. The capture
+stage owns pacing, reconnects with back-off and counting; sources stay simple.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+class SourceError(RuntimeError):
+    """The source cannot deliver frames (device missing, stream broken, folder empty ...)."""
+
+
+class FrameSource(Protocol):
+    #: True when the source produces frames at its own pace (a live camera); False when the capture
+    #: stage must pace it at the configured fps (files, folders, the simulator).
+    live: bool
+    #: ground truth of the last frame read, when the source knows it (the simulator), else None
+    truth: dict | None
+
+    def open(self) -> None: ...
+    def read(self) -> np.ndarray | None: ...
+    def close(self) -> None: ...
+
+
+def _to_gray_or_bgr(img: np.ndarray) -> np.ndarray:
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    if img.ndim == 3 and img.shape[2] == 3 and _is_gray(img):
+        img = img[:, :, 0].copy()
+    return img
+
+
+def _is_gray(img: np.ndarray) -> bool:
+    sub = img[::16, ::16]
+    return bool(np.array_equal(sub[:, :, 0], sub[:, :, 1]) and np.array_equal(sub[:, :, 1], sub[:, :, 2]))
+
+
+class OpenCVSource:
+    """OpenCV ``VideoCapture``: a device index ("0"), a file, an RTSP/HTTP URL or a GStreamer pipeline."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.live = not Path(uri).is_file()
+        self.truth = None
+        self._cap: cv2.VideoCapture | None = None
+
+    def open(self) -> None:
+        target: int | str = int(self.uri) if self.uri.isdigit() else self.uri
+        backend = cv2.CAP_GSTREAMER if "!" in self.uri else cv2.CAP_ANY
+        cap = cv2.VideoCapture(target, backend)
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"cannot open video source {self.uri!r}")
+        self._cap = cap
+
+    def read(self) -> np.ndarray | None:
+        if self._cap is None:
+            raise SourceError("source is not open")
+        ok, img = self._cap.read()
+        if not ok or img is None:
+            if not self.live:  # a file ended: start again
+                self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                ok, img = self._cap.read()
+            if not ok or img is None:
+                raise SourceError(f"video source {self.uri!r} stopped delivering frames")
+        return _to_gray_or_bgr(img)
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class FolderSource:
+    """Images of a folder in name order, replayed (at the capture stage's fps), optionally looping."""
+
+    live = False
+    truth = None
+
+    def __init__(self, folder: str | Path, loop: bool = True) -> None:
+        self.folder = Path(folder)
+        self.loop = loop
+        self._files: list[Path] = []
+        self._i = 0
+
+    def open(self) -> None:
+        if not self.folder.is_dir():
+            raise SourceError(f"image folder {self.folder} does not exist")
+        self._files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self._files:
+            raise SourceError(f"image folder {self.folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self._i = 0
+
+    def read(self) -> np.ndarray | None:
+        if self._i >= len(self._files):
+            if not self.loop:
+                return None
+            self._i = 0
+        path = self._files[self._i]
+        self._i += 1
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise SourceError(f"cannot read image {path}")
+        if img.dtype != np.uint8:
+            img = cv2.convertScaleAbs(img, alpha=255.0 / max(1.0, float(img.max())))
+        return _to_gray_or_bgr(img)
+
+    def close(self) -> None:
+        self._files = []
+
+
+class SimulatorSource:
+    """The knit simulator as a camera (see :mod:`knitwatch.pipeline.sources.knitsim`)."""
+
+    live = False
+
+    def __init__(self, width: int, height: int, *, fps: float, sim: dict) -> None:
+        self.width, self.height, self.fps, self.sim = width, height, fps, sim
+        self._stream = None
+        self._i = 0
+        self.truth: dict | None = None
+
+    def open(self) -> None:
+        from knitwatch.pipeline.sources.knitsim import FabricSpec, KnitStream
+
+        spec = FabricSpec(texture=self.sim["texture"], pitch_px=self.sim["pitch_px"], brightness=self.sim["brightness"])
+        self._stream = KnitStream(
+            self.width,
+            self.height,
+            spec,
+            seed=self.sim["seed"],
+            speed_px=self.sim["speed_px"],
+            fps=self.fps,
+            revolution_frames=self.sim["revolution_frames"],
+            defects=self.sim.get("defects", ()),
+            random_defect_rate=self.sim["random_defect_rate"],
+        )
+
+    def read(self) -> np.ndarray | None:
+        if self._stream is None:
+            raise SourceError("source is not open")
+        img, truth = self._stream.frame(self._i)
+        self.truth = {
+            "frame": truth.index,
+            "revolution": truth.revolution,
+            "cutline": truth.cutline_visible,
+            "defects": [{"kind": d["kind"], "box": [int(v) for v in d["box"]]} for d in truth.defects],
+        }
+        self._i += 1
+        return img
+
+    def close(self) -> None:
+        self._stream = None
+
+
+def make_source(cam: dict) -> FrameSource:
+    """A source from a camera's settings (``CameraConfig.model_dump()``)."""
+    kind = cam["source"]
+    if kind == "opencv":
+        return OpenCVSource(cam["uri"])
+    if kind == "folder":
+        return FolderSource(cam["uri"], loop=cam.get("loop", True))
+    if kind == "simulator":
+        return SimulatorSource(cam["width"], cam["height"], fps=cam["fps"], sim=cam["simulator"])
+    raise SourceError(f"unknown source kind {kind!r}")
+
+
+def sleep_until(deadline: float) -> None:
+    """Sleep until ``time.monotonic()`` reaches ``deadline`` (no-op when it passed)."""
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)

@@ -1,0 +1,164 @@
+"""What every stage process shares: sockets, heartbeats with stats, signals, bad-message counting.
+
+A stage runs a loop of ``step()`` calls; between steps it sends a heartbeat (with its counters) to
+the supervisor's control socket at most every ``heartbeat_s``. SIGTERM asks it to stop: the source
+stage stops at once, the others *drain* (keep working until their input has been idle for
+``drain_idle_s``) so frames in flight are still inspected. SIGINT is ignored: the supervisor orders
+the shutdown. When the supervisor dies, Linux sends the stage SIGTERM (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import structlog
+import zmq
+
+from knitwatch.pipeline import wire
+
+log = structlog.get_logger(__name__)
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this process when its parent dies (no orphans)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the supervisor's shutdown still stops us
+        pass
+
+
+def percentiles(values: list[float] | np.ndarray, qs: tuple[float, ...] = (50, 99)) -> dict[str, float]:
+    if len(values) == 0:
+        return {}
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"p{int(q)}": float(np.percentile(arr, q)) for q in qs}
+
+
+class Stage:
+    """Base of the stage processes; subclasses implement ``step()`` (and may override ``on_stop``)."""
+
+    drains = True  # keep consuming after SIGTERM until input is idle
+
+    def __init__(self, name: str, control_endpoint: str, *, heartbeat_s: float = 0.5, drain_idle_s: float = 0.5,
+                 drain_max_s: float = 8.0) -> None:
+        self.name = name
+        self.zctx = zmq.Context()
+        self.control = self.zctx.socket(zmq.PUSH)
+        self.control.setsockopt(zmq.SNDHWM, 20)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.connect(control_endpoint)
+        self.heartbeat_s = heartbeat_s
+        self.drain_idle_s = drain_idle_s
+        self.drain_max_s = drain_max_s
+        self.counters: Counter[str] = Counter()
+        self.extra: dict[str, Any] = {}
+        self.stopping = False
+        self.stop_requested_at = 0.0
+        self.last_input = time.monotonic()
+        self._last_beat = 0.0
+        self._sockets: list[zmq.Socket] = [self.control]
+        self.log = log.bind(stage_name=name)
+
+    # -- sockets
+    def socket(self, kind: int, endpoint: str, *, bind: bool, hwm: int = 2) -> zmq.Socket:
+        s = self.zctx.socket(kind)
+        s.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, hwm)
+        s.setsockopt(zmq.LINGER, 0 if kind == zmq.PULL else 2000)
+        if bind:
+            if endpoint.startswith("ipc://"):
+                path = endpoint[len("ipc://") :]
+                if os.path.exists(path):
+                    os.unlink(path)  # a leftover of a killed predecessor
+            s.bind(endpoint)
+        else:
+            s.connect(endpoint)
+        self._sockets.append(s)
+        return s
+
+    def receive(self, sock: zmq.Socket, timeout_ms: float) -> wire.Message | None:
+        """One message or None (timeout); malformed messages are counted, logged and dropped."""
+        if not sock.poll(max(0, int(timeout_ms))):
+            return None
+        try:
+            msg = wire.recv(sock)
+        except wire.WireError as e:
+            self.counters["bad_messages"] += 1
+            self.log.warning("dropped malformed message", reason=str(e), count=self.counters["bad_messages"])
+            return None
+        self.last_input = time.monotonic()
+        return msg
+
+    def send_blocking(self, sock: zmq.Socket, kind: str, header: dict, arrays: list[np.ndarray]) -> bool:
+        """Send, waiting while downstream is full (heartbeats go on). False if given up while stopping."""
+        parts = wire.encode(kind, header, arrays)
+        while True:
+            if sock.poll(100, zmq.POLLOUT):
+                sock.send_multipart(parts, copy=False)
+                return True
+            self.heartbeat()
+            if self.stopping and time.monotonic() - self.stop_requested_at > self.drain_max_s:
+                self.counters["lost_at_shutdown"] += 1
+                return False
+
+    # -- heartbeat
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, **self.extra}
+
+    def heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_beat < self.heartbeat_s:
+            return
+        self._last_beat = now
+        try:
+            wire.send(self.control, "heartbeat", {"stage": self.name, "pid": os.getpid(), "stats": self.stats()},
+                      flags=zmq.NOBLOCK)
+        except zmq.Again:  # supervisor busy: the next beat carries the same counters
+            pass
+
+    # -- lifecycle
+    def _on_sigterm(self, _signum: int, _frame: object) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.stop_requested_at = time.monotonic()
+
+    def step(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_stop(self) -> None:
+        """Called once after the loop ends (flush what is pending)."""
+
+    def done(self) -> bool:
+        if not self.stopping:
+            return False
+        if not self.drains:
+            return True
+        now = time.monotonic()
+        idle = now - max(self.last_input, self.stop_requested_at) > self.drain_idle_s
+        return idle or now - self.stop_requested_at > self.drain_max_s
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        die_with_parent()
+        self.log.info("stage started")
+        try:
+            while not self.done():
+                self.step()
+                self.heartbeat()
+            self.on_stop()
+        finally:
+            self.heartbeat(force=True)
+            for s in self._sockets:
+                s.close()
+            self.zctx.term()
+        self.log.info("stage stopped", **{k: v for k, v in self.counters.items()})
+        return 0

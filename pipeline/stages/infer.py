@@ -1,0 +1,120 @@
+"""Inference stage: the batching worker (GPU when there is one, else CPU).
+
+Collects whole frames' tiles into a batch until ``max_batch_tiles`` or ``max_wait_ms`` after the
+first queued frame (DeepStream's rule), runs one forward pass, stitches each frame's maps back
+into frame coordinates and sends one result per frame. Several workers may pull from the same tiles
+socket (this host over ``ipc://`` or others over ``tcp://``); results all go to the one alert stage.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import numpy as np
+import zmq
+
+from knitwatch.pipeline import wire
+from knitwatch.pipeline.detector import Detector, load_detector
+from knitwatch.pipeline.preprocess import TileGrid, stitch
+from knitwatch.pipeline.stages.common import Stage, percentiles
+
+_BATCH_BINS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+def frame_scores(tile_scores: np.ndarray, grid: TileGrid) -> float:
+    """A frame's image score: the max over its fabric tiles (blank tiles only when there is nothing else)."""
+    valid = tile_scores[grid.valid] if grid.valid.any() else tile_scores
+    return float(valid.max()) if valid.size else 0.0
+
+
+class InferStage(Stage):
+    def __init__(self, name: str, control_endpoint: str, *, tiles_endpoint: str, results_endpoint: str,
+                 checkpoint: str, device: str = "auto", max_batch_tiles: int = 64, max_wait_ms: float = 50.0,
+                 detector: Detector | None = None) -> None:
+        super().__init__(name, control_endpoint)
+        self.inp = self.socket(zmq.PULL, tiles_endpoint, bind=False, hwm=2)
+        self.out = self.socket(zmq.PUSH, results_endpoint, bind=False, hwm=4)
+        self.max_tiles = max_batch_tiles
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.extra["ready"] = False
+        self.heartbeat(force=True)  # the supervisor sees us alive while the model loads
+        self.det = detector if detector is not None else load_detector(checkpoint, device)
+        self.det.warm_up()
+        self.extra.update(ready=True, device=self.det.device, model=self.det.kind)
+        self.pending: list[wire.Message] = []
+        self.first_at = 0.0
+        self.model_ms: collections.deque[float] = collections.deque(maxlen=500)
+        self.batch_hist: collections.Counter[int] = collections.Counter()
+        self.log.info("inference worker ready", device=self.det.device, max_batch_tiles=self.max_tiles)
+
+    def _pending_tiles(self) -> int:
+        return sum(len(m["grid"]["coords"]) for m in self.pending)
+
+    def step(self) -> None:
+        if self.pending:
+            wait_ms = (self.first_at + self.max_wait_s - time.monotonic()) * 1000.0
+        else:
+            wait_ms = 100.0
+        msg = self.receive(self.inp, wait_ms) if wait_ms > 0 else None
+        if msg is not None:
+            try:
+                TileGrid.from_dict(msg["grid"])
+                if msg.arrays[0].shape[0] != len(msg["grid"]["coords"]):
+                    raise ValueError("tile count differs from the grid")
+            except (KeyError, TypeError, ValueError) as e:
+                self.counters["bad_messages"] += 1
+                self.log.warning("dropped malformed tiles message", reason=str(e))
+                msg = None
+        if msg is not None:
+            if not self.pending:
+                self.first_at = time.monotonic()
+            self.pending.append(msg)
+        if not self.pending:
+            return
+        full = self._pending_tiles() >= self.max_tiles
+        if full or time.monotonic() - self.first_at >= self.max_wait_s or self.stopping:
+            self._run_batch()
+
+    def _run_batch(self) -> None:
+        msgs, self.pending = self.pending, []
+        tiles = np.concatenate([m.arrays[0] for m in msgs]) if len(msgs) > 1 else msgs[0].arrays[0]
+        t0 = time.perf_counter()
+        maps, scores = self.det.predict(tiles)
+        model_ms = (time.perf_counter() - t0) * 1000.0
+        self.model_ms.append(model_ms)
+        n = len(tiles)
+        self.batch_hist[next(b for b in _BATCH_BINS if n <= b)] += 1
+        self.counters["batches"] += 1
+        self.counters["tiles"] += n
+        start = 0
+        for m in msgs:
+            grid = TileGrid.from_dict(m["grid"])
+            k = len(grid)
+            frame_map = stitch(maps[start : start + k], grid)
+            header = {k2: v for k2, v in m.header.items() if k2 not in ("v", "kind", "bufs", "grid")}
+            header.update(
+                image_score=frame_scores(scores[start : start + k], grid),
+                tile_scores=[float(s) for s in scores[start : start + k]],
+                t_infer_ns=time.monotonic_ns(),
+                model_ms=model_ms,
+                batch_tiles=n,
+                worker=self.name,
+            )
+            start += k
+            if self.send_blocking(self.out, "result", header, [frame_map.astype(np.float32), m.arrays[1]]):
+                self.counters["frames"] += 1
+
+    def stats(self) -> dict:
+        s = super().stats()
+        s["model_ms"] = percentiles(list(self.model_ms))
+        s["batch_tiles_hist"] = {str(k): v for k, v in sorted(self.batch_hist.items())}
+        return s
+
+    def on_stop(self) -> None:
+        if self.pending:
+            self._run_batch()
+
+
+def run(**kwargs: object) -> int:
+    return InferStage(**kwargs).run()
