@@ -40,6 +40,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ScheduledDefectConfig(Section):
+    """A defect the simulator puts on the fabric at a given frame (for demos, tests, benchmarks)."""
+
+    kind: Literal["hole", "ladder", "needle_line", "tension_stripe", "oil_stain", "slub", "fly"]
+    frame: int = Field(ge=0)
+    every_revolution: bool = False
+    size: float = Field(1.0, gt=0, le=20)
+    intensity: float = Field(1.0, gt=0, le=5)
+
+
 class SimulatorConfig(Section):
     """The built-in knitted-fabric simulator used as a camera (``source = "simulator"``)."""
 
@@ -49,6 +59,7 @@ class SimulatorConfig(Section):
     revolution_frames: int = Field(200, ge=2, description="frames per machine revolution")
     brightness: float = Field(128.0, ge=10, le=245)
     random_defect_rate: float = Field(0.0, ge=0, le=1, description="chance per frame of a new defect")
+    defects: list[ScheduledDefectConfig] = Field(default_factory=list)
     seed: int = 0
 
 

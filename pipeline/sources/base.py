@@ -132,7 +132,7 @@ class SimulatorSource:
         self.truth: dict | None = None
 
     def open(self) -> None:
-        from knitwatch.pipeline.sources.knitsim import FabricSpec, KnitStream
+        from knitwatch.pipeline.sources.knitsim import FabricSpec, KnitStream, ScheduledDefect
 
         spec = FabricSpec(texture=self.sim["texture"], pitch_px=self.sim["pitch_px"], brightness=self.sim["brightness"])
         self._stream = KnitStream(
@@ -143,7 +143,7 @@ class SimulatorSource:
             speed_px=self.sim["speed_px"],
             fps=self.fps,
             revolution_frames=self.sim["revolution_frames"],
-            defects=self.sim.get("defects", ()),
+            defects=[ScheduledDefect(**d) for d in self.sim.get("defects", ())],
             random_defect_rate=self.sim["random_defect_rate"],
         )
 

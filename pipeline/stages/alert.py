@@ -95,7 +95,7 @@ class AlertStage(Stage):
 
     def _record(self, record: dict[str, Any]) -> None:
         if record["event"]:
-            self.log.warning("defect event", **{k: v for k, v in record.items() if k != "truth"})
+            self.log.warning("defect event", **{k: v for k, v in record.items() if k not in ("truth", "event")})
         elif record["defect"]:
             self.log.info("defect frame", cam=record["cam"], seq=record["seq"], score=record["score"],
                           confirmed=record["confirmed"])
