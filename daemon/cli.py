@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -182,13 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--decisions-log", type=Path, metavar="FILE", help="append every frame's decision as JSON")
     run.set_defaults(func=cmd_run)
 
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    from knitwatch.daemon import cmd_dataset, cmd_model
+
+    for module in (cmd_dataset, cmd_model):
+        module.register(sub)
     return parser
-
-
-#: Other modules' ``register(subparsers)`` functions, each adding its subcommands.
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -95,42 +95,46 @@ def best_f1_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, floa
     return float(s_desc[last_of_group][best]), float(f1[best])
 
 
-def au_pro(maps: ArrayLike, masks: ArrayLike, max_fpr: float = 0.3) -> float:
+def au_pro(maps: ArrayLike, masks: ArrayLike, max_fpr: float = 0.3, valid: ArrayLike | None = None) -> float:
     """Area under the per-region-overlap curve up to ``max_fpr``, normalised by ``max_fpr``.
 
-    ``maps``: (N,H,W) anomaly maps; ``masks``: (N,H,W) ground truth (non-zero = defect). Each
-    8-connected defect region of each mask is one region; at a threshold t the PRO is the mean over
-    all regions of the fraction of the region's pixels with ``map >= t``, and the FPR is the fraction
-    of all normal pixels with ``map >= t``. The curve is exact (every distinct map value is a
-    threshold), integrated with the trapezoid rule and linearly interpolated at ``max_fpr``
-    (as in the MVTec AD evaluation).
+    ``maps``: (N,H,W) anomaly maps or a list of (H_i,W_i) maps of different sizes; ``masks``: the
+    ground truth in the same shapes (non-zero = defect); ``valid`` (optional, same shapes): pixels to
+    evaluate (e.g. leaving out blank padding). Each 8-connected defect region of each mask is one
+    region; at a threshold t the PRO is the mean over all regions of the fraction of the region's
+    pixels with ``map >= t``, and the FPR is the fraction of all normal pixels with ``map >= t``. The
+    curve is exact (every distinct map value is a threshold), integrated with the trapezoid rule and
+    linearly interpolated at ``max_fpr`` (as in the MVTec AD evaluation).
     """
-    m = np.asarray(maps, dtype=np.float64)
-    g = np.asarray(masks)
-    if m.ndim == 2:
-        m, g = m[None], g[None]
-    if m.shape != g.shape or m.ndim != 3:
-        raise ValueError(f"maps and masks must both be (N,H,W); got {m.shape} and {g.shape}")
+    maps_l = [np.asarray(x, dtype=np.float64) for x in (maps if isinstance(maps, list | tuple) else [maps])]
+    masks_l = [np.asarray(x) for x in (masks if isinstance(masks, list | tuple) else [masks])]
+    if len(maps_l) == 1 and maps_l[0].ndim == 3:
+        maps_l, masks_l = list(maps_l[0]), list(masks_l[0])
+    valid_l = [np.ones(x.shape, bool) for x in maps_l] if valid is None else (
+        [np.asarray(v, bool) for v in (valid if isinstance(valid, list | tuple) else list(np.asarray(valid, bool)))])
+    pairs = zip(maps_l, masks_l, strict=False)
+    if len(maps_l) != len(masks_l) or any(a.shape != b.shape or a.ndim != 2 for a, b in pairs):
+        raise ValueError("maps and masks must both be (N,H,W) or lists of equally shaped (H,W) arrays")
     if not 0 < max_fpr <= 1:
         raise ValueError("max_fpr must be in (0, 1]")
     # Per pixel weight on the PRO axis: 1 / (region size * number of regions); 0 for normal pixels.
-    region_w = np.zeros(m.shape, dtype=np.float64)
-    sizes: list[int] = []
-    labelled = []
-    for i in range(m.shape[0]):
-        n_lab, lab = cv2.connectedComponents((g[i] != 0).astype(np.uint8), connectivity=8)
-        labelled.append((n_lab, lab))
-        for r in range(1, n_lab):
-            sizes.append(int(np.sum(lab == r)))
-    n_regions = len(sizes)
+    weights, scores, normals = [], [], []
+    sizes: list[np.ndarray] = []
+    for m, g, v in zip(maps_l, masks_l, valid_l, strict=True):
+        n_lab, lab = cv2.connectedComponents(((g != 0) & v).astype(np.uint8), connectivity=8)
+        counts = np.bincount(lab[v], minlength=n_lab).astype(np.float64)
+        w = np.zeros(n_lab, dtype=np.float64)
+        w[1:] = 1.0 / np.maximum(counts[1:], 1.0)
+        sizes.append(counts[1:])
+        weights.append(w[lab[v]])
+        scores.append(m[v])
+        normals.append(lab[v] == 0)
+    n_regions = int(sum(int(np.sum(c > 0)) for c in sizes))
     if n_regions == 0:
         raise ValueError("AU-PRO needs at least one defect region in the masks")
-    for i, (n_lab, lab) in enumerate(labelled):
-        if n_lab > 1:
-            counts = np.bincount(lab.ravel(), minlength=n_lab).astype(np.float64)
-            w = np.zeros(n_lab, dtype=np.float64)
-            w[1:] = 1.0 / (counts[1:] * n_regions)
-            region_w[i] = w[lab]
+    region_w = np.concatenate(weights) / n_regions
+    m = np.concatenate(scores)
+    g = ~np.concatenate(normals)
     normal = g == 0
     n_neg = int(normal.sum())
     if n_neg == 0:
@@ -138,7 +142,7 @@ def au_pro(maps: ArrayLike, masks: ArrayLike, max_fpr: float = 0.3) -> float:
     s = m.ravel()
     order = np.argsort(-s, kind="mergesort")
     s_desc = s[order]
-    pro = np.cumsum(region_w.ravel()[order])
+    pro = np.cumsum(region_w[order])
     fpr = np.cumsum(normal.ravel()[order]) / n_neg
     last = np.r_[np.nonzero(np.diff(s_desc))[0], s_desc.size - 1]
     fpr = np.r_[0.0, fpr[last]]
