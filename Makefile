@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/knitwatch $(if $(ARGS),$(ARGS),config check --config config/knitwatch.example.toml)
+	$(BIN)/knitwatch $(if $(ARGS),$(ARGS),demo)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -136,6 +136,59 @@ def cmd_run(args: argparse.Namespace) -> int:
     return sup.run()
 
 
+# ---------------------------------------------------------------- ack (reset the latched stop/alarm)
+
+
+def cmd_ack(args: argparse.Namespace) -> int:
+    """Record an acknowledge in the store; the alert stage applies it (resets the latch, clears the stop)."""
+    import getpass
+    import time
+
+    from knitwatch.pipeline.store import Store, StoreError
+
+    settings = load_config(args)
+    if args.camera is not None and args.camera not in {c.id for c in settings.cameras}:
+        raise CliError(f"unknown camera {args.camera!r} (configured: {', '.join(c.id for c in settings.cameras)})")
+    try:
+        by = args.by or getpass.getuser()
+    except (KeyError, OSError):
+        by = "unknown"
+    try:
+        store = Store(settings.store.path, create=False, fsync=settings.store.fsync)
+    except StoreError as e:
+        raise CliError(str(e), EXIT_FAIL) from None
+    try:
+        before = store.latched()
+        ack_id = store.request_ack(by, camera=args.camera, note=args.note or "")
+        scope = f"camera {args.camera}" if args.camera else "all cameras"
+        log.info("acknowledge requested", ack_id=ack_id, by=by, camera=args.camera or "all", note=args.note or "",
+                 latched=before)
+        sys.stdout.write(f"acknowledge #{ack_id} by {by} ({scope}); latched before: "
+                         f"stop {before['stop'] or 'none'}, alarm {before['alarm'] or 'none'}\n")
+        if args.wait <= 0:
+            return EXIT_OK
+        deadline = time.monotonic() + args.wait
+        ack = store.get_ack(ack_id)
+        while time.monotonic() < deadline and ack is not None and ack["cleared_ns"] is None:
+            time.sleep(0.1)
+            ack = store.get_ack(ack_id)
+        after = store.latched()
+    except StoreError as e:
+        raise CliError(str(e), EXIT_FAIL) from None
+    finally:
+        store.close()
+    if ack is None or ack["handled_ns"] is None:
+        raise CliError(f"acknowledge #{ack_id} is recorded but was not applied within {args.wait:g} s "
+                       "(is the daemon running?); the alert stage applies it when it runs", EXIT_FAIL)
+    if ack["cleared_ns"] is None:
+        raise CliError(f"acknowledge #{ack_id} reset the latch ({ack['events_acked']} event(s)), but the PLC has not "
+                       f"confirmed the reset within {args.wait:g} s; it is retried", EXIT_FAIL)
+    sys.stdout.write(f"applied at {ack['handled']}, outputs reset at {ack['cleared']} "
+                     f"({ack['events_acked']} event(s) acknowledged); still latched: "
+                     f"stop {after['stop'] or 'none'}, alarm {after['alarm'] or 'none'}\n")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -182,9 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--decisions-log", type=Path, metavar="FILE", help="append every frame's decision as JSON")
     run.set_defaults(func=cmd_run)
 
-    from knitwatch.daemon import cmd_dataset, cmd_model
+    ack = sub.add_parser(
+        "ack",
+        help="acknowledge the latched stop/alarm (resets it and clears the PLC's stop output)",
+        description="Acknowledge the latched stop/alarm: recorded in the store ([store] path) with who and when; "
+        "the running daemon's alert stage applies it within about half a second (resets the latch, clears the "
+        "stop output, records it). Exit code 0 once the PLC confirmed the reset, 1 if not within --wait.",
+    )
+    ack.add_argument("--config", type=Path, metavar="PATH", default=argparse.SUPPRESS, help="TOML config file")
+    ack.add_argument("--by", metavar="NAME", help="who acknowledges (default: the login name)")
+    ack.add_argument("--camera", metavar="ID", help="acknowledge only this camera's events (default: all)")
+    ack.add_argument("--note", metavar="TEXT", default="", help="why, what was done (kept with the acknowledge)")
+    ack.add_argument("--wait", type=float, metavar="S", default=5.0,
+                     help="wait up to S seconds for the daemon to apply it (0: do not wait; default 5)")
+    ack.set_defaults(func=cmd_ack)
 
-    for module in (cmd_dataset, cmd_model):
+    from knitwatch.daemon import cmd_dataset, cmd_demo, cmd_model
+
+    for module in (cmd_demo, cmd_dataset, cmd_model):
         module.register(sub)
     return parser
 

@@ -171,7 +171,7 @@ class Supervisor:
         sp.started_at = sp.last_beat = time.monotonic()
         sp.restart_at = None
         sp.stats = {}
-        log.info("stage started", stage_name=sp.spec.name, child_pid=p.pid)
+        log.info("stage spawned", stage_name=sp.spec.name, child_pid=p.pid)
 
     def _alive(self, sp: StageProc) -> bool:
         return sp.process is not None and sp.process.is_alive()
@@ -295,8 +295,8 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.stop_signal = signum
 
-    def run(self) -> int:
-        """Run until SIGTERM/SIGINT (exit 0) or until a stage fails too often (exit 1)."""
+    def run(self, duration_s: float | None = None) -> int:
+        """Run until SIGTERM/SIGINT or ``duration_s`` (exit 0), or until a stage fails too often (exit 1)."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         zctx = zmq.Context()
@@ -311,6 +311,9 @@ class Supervisor:
             watchdog_s = int(os.environ.get("WATCHDOG_USEC", "0")) / 2e6
             last_stats = last_dog = time.monotonic()
             while self.stop_signal is None:
+                if duration_s is not None and time.monotonic() - self.started >= duration_s:
+                    self.stop_signal = signal.SIGTERM
+                    break
                 self._collect(ctl, 200)
                 if not self.ready and all(
                     sp.stats.get("ready") for sp in self.procs.values() if sp.spec.layer == "infer"

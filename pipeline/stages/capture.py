@@ -23,13 +23,13 @@ class CaptureStage(Stage):
     drains = False
 
     def __init__(self, name: str, control_endpoint: str, *, camera: dict, frames_endpoint: str,
-                 queue_frames: int = 2, stall_s: float = 2.0, max_backoff_s: float = 30.0,
+                 queue_frames: int = 1, stall_s: float = 2.0, max_backoff_s: float = 30.0,
                  source: FrameSource | None = None) -> None:
         super().__init__(name, control_endpoint)
         self.cam_id = camera["id"]
         self.fps = float(camera["fps"])
         self.source = source if source is not None else make_source(camera)
-        self.out = self.socket(zmq.PUSH, frames_endpoint, bind=False, hwm=2)
+        self.out = self.socket(zmq.PUSH, frames_endpoint, bind=False, hwm=1)
         self.pending: collections.deque[list] = collections.deque()
         self.queue_frames = queue_frames
         self.stall_s = stall_s

@@ -33,10 +33,12 @@ class InferStage(Stage):
                  checkpoint: str, device: str = "auto", max_batch_tiles: int = 64, max_wait_ms: float = 50.0,
                  detector: Detector | None = None) -> None:
         super().__init__(name, control_endpoint)
-        self.inp = self.socket(zmq.PULL, tiles_endpoint, bind=False, hwm=2)
+        self.inp = self.socket(zmq.PULL, tiles_endpoint, bind=False, hwm=1)
         self.out = self.socket(zmq.PUSH, results_endpoint, bind=False, hwm=4)
         self.max_tiles = max_batch_tiles
         self.max_wait_s = max_wait_ms / 1000.0
+        self.model_ms: collections.deque[float] = collections.deque(maxlen=500)
+        self.batch_hist: collections.Counter[int] = collections.Counter()
         self.extra["ready"] = False
         self.heartbeat(force=True)  # the supervisor sees us alive while the model loads
         self.det = detector if detector is not None else load_detector(checkpoint, device)
@@ -44,8 +46,6 @@ class InferStage(Stage):
         self.extra.update(ready=True, device=self.det.device, model=self.det.kind)
         self.pending: list[wire.Message] = []
         self.first_at = 0.0
-        self.model_ms: collections.deque[float] = collections.deque(maxlen=500)
-        self.batch_hist: collections.Counter[int] = collections.Counter()
         self.log.info("inference worker ready", device=self.det.device, max_batch_tiles=self.max_tiles)
 
     def _pending_tiles(self) -> int:

@@ -39,8 +39,8 @@ class TilerStage(Stage):
                  preprocess: dict, cameras: list[dict], scale: float | None = None,
                  refresh_frames: int = 50) -> None:
         super().__init__(name, control_endpoint)
-        self.inp = self.socket(zmq.PULL, frames_endpoint, bind=True, hwm=2)
-        self.out = self.socket(zmq.PUSH, tiles_endpoint, bind=True, hwm=2)
+        self.inp = self.socket(zmq.PULL, frames_endpoint, bind=True, hwm=1)
+        self.out = self.socket(zmq.PUSH, tiles_endpoint, bind=True, hwm=1)
         self.pre = camera_preprocessors(preprocess, cameras, scale=scale, refresh_frames=refresh_frames)
 
     def step(self) -> None:
