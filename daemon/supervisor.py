@@ -120,6 +120,7 @@ class Supervisor:
         self.procs: dict[str, StageProc] = {s.name: StageProc(s) for s in self.specs()}
         self.stop_signal: int | None = None
         self.ready = False
+        self.ready_at: float | None = None
         self.started = time.monotonic()
         self.snapshot: dict[str, Any] = {}
         self._totals: dict[tuple[str, str], Counter] = collections.defaultdict(Counter)
@@ -271,6 +272,7 @@ class Supervisor:
                 "coverage": None if coverage is None else round(coverage, 4),
                 "latency_ms": alert_cam.get("latency_ms", {}),
                 "events": alert_cam.get("events", 0),
+                "inspected_s": round(now - self.ready_at, 3) if self.ready_at is not None else None,
             }
         model_ms = [s.get("model_ms", {}).get("p50") for n, s in stages.items() if n.startswith("infer")]
         return {
@@ -322,6 +324,7 @@ class Supervisor:
                         if sp.spec.layer == "capture":
                             self._start(sp)
                     self.ready = True
+                    self.ready_at = time.monotonic()
                     sd_notify("READY=1\nSTATUS=inspecting")
                     log.info("daemon ready", cameras=[c.id for c in self.settings.cameras],
                              run_dir=str(self.run_dir))

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from knitwatch.models.backbones import TORCHVISION_WEIGHTS, BackboneWeightsMissingError, FrozenBackbone
 from knitwatch.models.checkpoint import Checkpoint, save_checkpoint
 from knitwatch.models.lite0 import IMAGENET_MEAN, IMAGENET_STD
 
@@ -235,6 +236,43 @@ def imagenet_normalize(x01: Tensor) -> Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x01.device, dtype=x01.dtype).view(1, 3, 1, 1)
     return (x01 - mean) / std
+
+
+def predict_tiles(
+    model: nn.Module, tiles: np.ndarray | Tensor, batch_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The shared ``predict`` of knitwatch's models: maps (N,H,W) float32 and scores (N,) float32.
+
+    ``model`` has ``tile_size``, an ``input_mean`` buffer (its device is used), ``normalize_input`` and
+    ``forward(x) -> (map (B,1,H,W), score (B,))``. ``tiles``: uint8 (N,H,W) gray, (N,H,W,3) RGB or a
+    (N,C,H,W) tensor. Gray is replicated to three channels, ImageNet normalisation is applied, inputs
+    go channels_last, on CUDA the networks run under fp16 autocast (results are float32). Batches of
+    ``batch_size`` (default: all) are moved to the CPU one by one. Runs in eval mode, under
+    ``torch.inference_mode``.
+    """
+    x_all = tiles_to_tensor(tiles)
+    if x_all.dtype != torch.uint8:
+        raise TypeError(f"predict expects uint8 tiles, got {x_all.dtype}")
+    n = x_all.shape[0]
+    if n == 0:
+        return np.zeros((0, model.tile_size, model.tile_size), np.float32), np.zeros((0,), np.float32)
+    device = model.input_mean.device
+    bs = batch_size or n
+    was_training = model.training
+    model.eval()
+    maps, scores = [], []
+    try:
+        with torch.inference_mode():
+            for i in range(0, n, bs):
+                x = x_all[i : i + bs].to(device, non_blocking=True)
+                x = model.normalize_input(x).contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+                    m, s = model(x)
+                maps.append(m[:, 0].float().cpu())
+                scores.append(s.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(maps).numpy(), torch.cat(scores).numpy()
 
 
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -467,55 +505,42 @@ class EfficientAD(nn.Module):
         three channels, ImageNet normalisation is applied, inputs go channels_last, and on CUDA the
         networks run under fp16 autocast (maps are returned in float32). Runs in eval mode.
         """
-        x_all = tiles_to_tensor(tiles)
-        if x_all.dtype != torch.uint8:
-            raise TypeError(f"predict expects uint8 tiles, got {x_all.dtype}")
-        n = x_all.shape[0]
-        if n == 0:
-            return np.zeros((0, self.tile_size, self.tile_size), np.float32), np.zeros((0,), np.float32)
-        device = self.input_mean.device
-        bs = batch_size or n
-        was_training = self.training
-        self.eval()
-        maps, scores = [], []
-        try:
-            for i in range(0, n, bs):
-                x = x_all[i : i + bs].to(device, non_blocking=True)
-                x = self.normalize_input(x).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-                    m, s = self(x)
-                maps.append(m[:, 0].float().cpu())
-                scores.append(s.float().cpu())
-        finally:
-            self.train(was_training)
-        return torch.cat(maps).numpy(), torch.cat(scores).numpy()
+        return predict_tiles(self, tiles, batch_size)
 
 
-def save_efficientad(
-    path: str | Path,
-    model: EfficientAD,
-    *,
-    preprocess: Mapping[str, Any] | None = None,
-    provenance: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write ``model`` as a knitwatch checkpoint (see `knitwatch.models.checkpoint`).
-
-    ``preprocess`` is the tiler's parameter dict exactly as the dataset builder recorded it (the live
-    tiler reads it back unchanged); its ``tile`` must equal the model's tile size. How the model
-    itself treats its input (RGB, ImageNet normalisation) is recorded under ``extra["input"]``.
-    ``provenance`` is merged over ``model.provenance``.
-    """
-    pre = dict(preprocess or {})
-    if int(pre.setdefault("tile", model.tile_size)) != model.tile_size:
-        raise ValueError(f"preprocess tile {pre['tile']} differs from the model's tile size {model.tile_size}")
-    ext = dict(extra or {})
-    ext["input"] = {
+def model_input_spec() -> dict[str, Any]:
+    """How knitwatch's models treat their input (recorded under a checkpoint's ``extra["input"]``)."""
+    return {
         "color": "rgb (gray replicated to 3 channels)",
         "input_range": [0, 255],
         "normalize_mean": list(IMAGENET_MEAN),
         "normalize_std": list(IMAGENET_STD),
     }
+
+
+def save_model(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    preprocess: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write any knitwatch model as a checkpoint (see `knitwatch.models.checkpoint`).
+
+    The model provides ``kind``, ``tile_size``, ``hparams()``, ``thresholds()``, ``is_calibrated``,
+    ``provenance`` (a dict) and its state dict (EfficientAD, MSFlow). ``preprocess`` is the tiler's
+    parameter dict exactly as the dataset builder recorded it (the live tiler reads it back
+    unchanged); its ``tile`` must equal the model's tile size. How the model itself treats its input
+    (RGB, ImageNet normalisation) is recorded under ``extra["input"]``. ``provenance`` is merged over
+    ``model.provenance``. Thresholds are stored only once calibrated.
+    """
+    tile_size = int(model.tile_size)
+    pre = dict(preprocess or {})
+    if int(pre.setdefault("tile", tile_size)) != tile_size:
+        raise ValueError(f"preprocess tile {pre['tile']} differs from the model's tile size {tile_size}")
+    ext = dict(extra or {})
+    ext["input"] = model_input_spec()
     prov = dict(model.provenance)
     prov.update(provenance or {})
     thresholds = model.thresholds() if model.is_calibrated else {}
@@ -529,6 +554,18 @@ def save_efficientad(
         provenance=prov,
         extra=ext,
     )
+
+
+def save_efficientad(
+    path: str | Path,
+    model: EfficientAD,
+    *,
+    preprocess: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """`save_model` for an EfficientAD model (kept for existing callers)."""
+    return save_model(path, model, preprocess=preprocess, provenance=provenance, extra=extra)
 
 
 def build_efficientad_from_checkpoint(ckpt: Checkpoint) -> EfficientAD:
@@ -682,59 +719,15 @@ def random_teacher(size: str, seed: int = 0) -> TeacherWeights:
 # Teacher distillation
 # --------------------------------------------------------------------------------------------------
 
-WRN101_WEIGHTS_FILE = "wide_resnet101_2-32ee1156.pth"  # torchvision IMAGENET1K_V1, as in the paper
-BACKBONES = ("efficientnet-lite0", "wide_resnet101_2")
+WRN101_WEIGHTS_FILE = TORCHVISION_WEIGHTS["wide_resnet101_2"][0]  # torchvision IMAGENET1K_V1, as in the paper
+BACKBONES = ("efficientnet-lite0", "wide_resnet101_2")  # distillation backbones
 
 
-class BackboneWeightsMissingError(RuntimeError):
-    """Pretrained backbone weights for distillation are not available offline."""
-
-
-class _FeatureBackbone(nn.Module):
-    """A pretrained backbone returning feature maps at strides 8 and 16 (of its input)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self.name = name
-        if name == "efficientnet-lite0":
-            from knitwatch.models.lite0 import Lite0WeightsMissingError, load_lite0
-
-            try:
-                self.net = load_lite0(pretrained=True)
-            except Lite0WeightsMissingError as exc:
-                raise BackboneWeightsMissingError(str(exc)) from exc
-            self.channels = 40 + 112
-        elif name == "wide_resnet101_2":
-            self.net = _load_wrn101()
-            self.channels = 512 + 1024
-        else:
-            raise ValueError(f"unknown distillation backbone {name!r}; choose one of {BACKBONES}")
-        self.net.eval()
-        for p in self.net.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        if self.name == "efficientnet-lite0":
-            return self.net.features(x, blocks=(4, 10))  # strides 8 and 16: 40 and 112 channels
-        net = self.net
-        y = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        y2 = net.layer2(net.layer1(y))
-        return [y2, net.layer3(y2)]
-
-
-def _load_wrn101() -> nn.Module:
-    import torchvision
-
-    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    path = ckpt_dir / WRN101_WEIGHTS_FILE
-    if not path.is_file():
-        raise BackboneWeightsMissingError(
-            f"wide_resnet101_2 ImageNet weights not found: put torchvision's {WRN101_WEIGHTS_FILE} "
-            f"(Wide_ResNet101_2_Weights.IMAGENET1K_V1) into {ckpt_dir}"
-        )
-    net = torchvision.models.wide_resnet101_2(weights=None)
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-    return net
+def _distill_backbone(name: str) -> FrozenBackbone:
+    """The backbone's stride-8 and stride-16 feature maps (`knitwatch.models.backbones`)."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown distillation backbone {name!r}; choose one of {BACKBONES}")
+    return FrozenBackbone(name, levels=(1, 2))
 
 
 class DistillTarget(nn.Module):
@@ -750,9 +743,9 @@ class DistillTarget(nn.Module):
 
     def __init__(self, backbone: str, out_channels: int = OUT_CHANNELS, scale: float = 2.0, seed: int = 0) -> None:
         super().__init__()
-        self.backbone = _FeatureBackbone(backbone)
+        self.backbone = _distill_backbone(backbone)
         self.scale = scale
-        c = self.backbone.channels
+        c = sum(self.backbone.channels)
         gen = torch.Generator().manual_seed(seed)
         q, _ = torch.linalg.qr(torch.randn(c * 9, out_channels, generator=gen))
         self.register_buffer("proj", q.T.contiguous().view(out_channels, c, 3, 3))

@@ -59,13 +59,13 @@ def quantile_threshold(values: Tensor, q: float, margin: float) -> float:
     The margin is a fraction of the normal spread above the median, so it does not depend on the
     map's units: 0 gives the plain quantile.
     """
-    v = _subsample(values.reshape(-1).double(), MAX_QUANTILE_VALUES, seed=0)
+    v = subsample(values.reshape(-1).double(), MAX_QUANTILE_VALUES, seed=0)
     hi = float(torch.quantile(v, q))
     med = float(torch.quantile(v, 0.5))
     return hi + margin * max(hi - med, 0.0)
 
 
-def _subsample(v: Tensor, max_n: int, seed: int) -> Tensor:
+def subsample(v: Tensor, max_n: int, seed: int) -> Tensor:
     if v.numel() <= max_n:
         return v
     gen = torch.Generator().manual_seed(seed)
@@ -73,7 +73,7 @@ def _subsample(v: Tensor, max_n: int, seed: int) -> Tensor:
     return v[idx.to(v.device)]
 
 
-def _split(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError("val_fraction must be in [0, 1)")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -133,8 +133,8 @@ def calibrate(
     raw = _collect(model, val_tiles, batch_size, dev, model.raw_maps)
     st = torch.cat([r[0].reshape(-1) for r in raw]).double()
     ae = torch.cat([r[1].reshape(-1) for r in raw]).double()
-    st_s = _subsample(st, MAX_QUANTILE_VALUES, 0)
-    ae_s = _subsample(ae, MAX_QUANTILE_VALUES, 1)
+    st_s = subsample(st, MAX_QUANTILE_VALUES, 0)
+    ae_s = subsample(ae, MAX_QUANTILE_VALUES, 1)
     q_st = (float(torch.quantile(st_s, q_a)), float(torch.quantile(st_s, q_b)))
     q_ae = (float(torch.quantile(ae_s, q_a)), float(torch.quantile(ae_s, q_b)))
     for name, (lo, hi) in (("st", q_st), ("ae", q_ae)):
@@ -245,7 +245,7 @@ def train_efficientad(
     n, _, h, w = tiles.shape
     if h != w:
         raise ValueError(f"tiles must be square, got {h}x{w}")
-    tr_idx, val_idx = _split(n, val_fraction, seed)
+    tr_idx, val_idx = split_indices(n, val_fraction, seed)
     train_set = tiles[tr_idx]
     val_set = tiles[val_idx] if val_idx.numel() else train_set
     if not val_idx.numel():

@@ -25,6 +25,7 @@ from knitwatch.pipeline import wire
 log = structlog.get_logger(__name__)
 
 PR_SET_PDEATHSIG = 1
+KERNEL_BUFFER_BYTES = 128 * 1024
 
 
 def die_with_parent() -> None:
@@ -72,6 +73,9 @@ class Stage:
     def socket(self, kind: int, endpoint: str, *, bind: bool, hwm: int = 2) -> zmq.Socket:
         s = self.zctx.socket(kind)
         s.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, hwm)
+        # Small kernel buffers too: ZeroMQ's high-water mark counts messages in its own queues, but an
+        # ipc/tcp socket's kernel buffers would hold several more frames and add their age to the latency.
+        s.setsockopt(zmq.SNDBUF if kind == zmq.PUSH else zmq.RCVBUF, KERNEL_BUFFER_BYTES)
         s.setsockopt(zmq.LINGER, 0 if kind == zmq.PULL else 2000)
         if bind:
             if endpoint.startswith("ipc://"):

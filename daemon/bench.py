@@ -1,0 +1,127 @@
+"""``knitwatch bench pipeline``: how much of the model's speed the daemon delivers, and its latency.
+
+One run on one machine, one model:
+
+1. bare model throughput: batches of ``max_batch_tiles`` tiles through ``Detector.predict`` (tiles/s);
+2. the daemon at saturation: the simulated camera asks for far more frames than can be inspected;
+   inspected frames x tiles per frame / time = the pipeline's throughput (capture drops the rest);
+3. the daemon at 50% load: the camera at half the saturated frame rate; latency capture -> decision
+   (p50/p99) from the alert stage.
+
+Targets (issue 6): (2) >= 90% of (1); at 50% load p99 <= one frame period + 2 x model time of one batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from knitwatch.config import Settings
+from knitwatch.config.settings import CameraConfig, SimulatorConfig
+from knitwatch.daemon.cli import checkpoint_summary
+from knitwatch.daemon.logs import setup_logging
+
+log = structlog.get_logger(__name__)
+
+
+def bare_throughput(ckpt: Path, device: str, batch: int, seconds: float) -> dict[str, float]:
+    from knitwatch.pipeline.detector import load_detector
+
+    det = load_detector(ckpt, device)
+    t = int(det.preprocess["tile"])
+    tiles = np.random.default_rng(0).integers(60, 200, (batch, t, t), dtype=np.uint8)
+    det.predict(tiles)  # warm-up
+    times = []
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end or len(times) < 3:
+        t0 = time.perf_counter()
+        det.predict(tiles)
+        times.append(time.perf_counter() - t0)
+    med = float(np.median(times))
+    return {"tiles_per_s": batch / med, "batch_ms_p50": med * 1000, "batches": len(times)}
+
+
+def run_daemon(settings: Settings, ckpt: dict, seconds: float, log_format: str) -> dict[str, Any]:
+    from knitwatch.daemon.supervisor import Supervisor
+
+    sup = Supervisor(settings, checkpoint=ckpt, log_level="WARNING", log_format=log_format)
+    sup.run(duration_s=seconds)
+    return sup.snapshot
+
+
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    from knitwatch.pipeline.detector import resolve_device
+    from knitwatch.pipeline.preprocess import PreprocessConfig, Preprocessor
+
+    setup_logging("bench", level="WARNING", fmt=args.log_format or "auto")
+    settings = Settings()
+    ckpt = checkpoint_summary(args.checkpoint)
+    device = resolve_device(args.device)
+    batch = args.max_batch_tiles
+    bare = bare_throughput(args.checkpoint, device, batch, args.seconds / 3)
+    frame = np.zeros((args.height, args.width), np.uint8)
+    tiles_per_frame = len(Preprocessor(PreprocessConfig.from_dict(ckpt["preprocess"]))(frame)[1])
+    settings.inference.device = device  # type: ignore[assignment]
+    settings.inference.max_batch_tiles = batch
+    settings.inference.max_wait_ms = args.max_wait_ms
+    settings.store.path = args.workdir / "store"
+    settings.daemon.stats_interval_s = 1.0
+
+    def camera(fps: float) -> CameraConfig:
+        return CameraConfig(id="bench", source="simulator", fps=fps, width=args.width, height=args.height,
+                            simulator=SimulatorConfig(pitch_px=6.0, speed_px=32.0, revolution_frames=100))
+
+    settings.cameras = [camera(max(200.0, 4 * bare["tiles_per_s"] / tiles_per_frame))]
+    sat = run_daemon(settings, ckpt, args.seconds, "json")["cameras"]["bench"]
+    sat_fps = sat["inspected"] / max(1e-9, sat.get("inspected_s") or args.seconds)
+    settings.cameras = [camera(max(0.2, sat_fps / 2))]
+    half = run_daemon(settings, ckpt, args.seconds, "json")["cameras"]["bench"]
+    model_ms = bare["batch_ms_p50"]
+    period_ms = 1000.0 / max(0.2, sat_fps / 2)
+    result = {
+        "device": device,
+        "tile": int(ckpt["preprocess"]["tile"]),
+        "frame": f"{args.width}x{args.height}",
+        "tiles_per_frame": tiles_per_frame,
+        "max_batch_tiles": batch,
+        "bare_model_tiles_per_s": round(bare["tiles_per_s"], 1),
+        "model_ms_per_batch": round(model_ms, 1),
+        "pipeline_tiles_per_s_at_saturation": round(sat_fps * tiles_per_frame, 1),
+        "pipeline_fraction_of_bare": round(sat_fps * tiles_per_frame / bare["tiles_per_s"], 3),
+        "saturation_coverage": sat.get("coverage"),
+        "half_load_fps": round(sat_fps / 2, 2),
+        "half_load_latency_ms": half.get("latency_ms"),
+        "latency_budget_ms": round(period_ms + 2 * model_ms, 1),
+        "half_load_coverage": half.get("coverage"),
+    }
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        for k, v in result.items():
+            sys.stdout.write(f"{k:38s} {v}\n")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("bench", help="benchmarks that print numbers (not tests)")
+    bsub = b.add_subparsers(dest="bench_command", metavar="SUBCOMMAND")
+    bsub.required = True
+    p = bsub.add_parser("pipeline", help="bare model vs daemon throughput, and latency at 50% load",
+                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path, metavar="CKPT")
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--seconds", type=float, default=30.0, help="duration of each daemon run (default 30)")
+    p.add_argument("--max-batch-tiles", type=int, default=32)
+    p.add_argument("--max-wait-ms", type=float, default=20.0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--workdir", type=Path, default=Path("knitwatch-bench"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_pipeline)
