@@ -18,7 +18,8 @@ from knitwatch.daemon.cli import EXIT_FAIL, CliError
 
 log = structlog.get_logger(__name__)
 
-MODEL_KINDS = ("efficientad-s", "efficientad-m")
+MSFLOW_BACKBONES = ("efficientnet-lite0", "resnet18", "resnet34", "wide_resnet50_2")
+MODEL_KINDS = ("efficientad-s", "efficientad-m", *(f"msflow-{b}" for b in MSFLOW_BACKBONES))
 
 
 def _device(name: str) -> str:
@@ -68,12 +69,10 @@ def _images_as_tiles(folder: Path, tile: int, grayscale: bool) -> np.ndarray:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from knitwatch.models.efficientad import TeacherStateError, load_teacher_state, save_efficientad
-    from knitwatch.models.train import train_efficientad
+    from knitwatch.models.efficientad import save_model
     from knitwatch.pipeline.dataset import DatasetError
     from knitwatch.pipeline.evaluate import load_tiles
 
-    size = args.model.split("-")[1]
     try:
         tiles, manifest = load_tiles(args.data)
         calib_tiles = calib_labels = None
@@ -87,24 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except DatasetError as e:
         raise CliError(f"{e} (make a tile dataset with 'knitwatch dataset build')") from None
     pre = manifest["preprocess"]
-    grayscale = bool(pre.get("grayscale", True))
-    teacher = None
-    if args.teacher is not None:
-        try:
-            teacher = load_teacher_state(args.teacher, size)
-        except (TeacherStateError, OSError) as e:
-            raise CliError(str(e)) from None
-    penalty = _images_as_tiles(args.penalty_images, int(pre["tile"]), grayscale) if args.penalty_images else None
     device = _device(args.device)
-    resume_path = args.out.with_name(args.out.name + ".resume")
-    resume_state = None
-    if args.resume:
-        if not resume_path.is_file():
-            raise CliError(f"--resume: no resume state at {resume_path} (it is written during training)")
-        resume_state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        log.info("resuming", step=int(resume_state["step"]), state=str(resume_path))
-    if device == "cpu" and args.steps > 5000:
-        log.warning("training on the CPU is slow: about 1 s per step for 64 px tiles at batch 8", steps=args.steps)
     provenance = {
         "dataset": str(args.data),
         "dataset_created": manifest.get("created"),
@@ -113,6 +95,47 @@ def cmd_train(args: argparse.Namespace) -> int:
         "command": " ".join(sys.argv[1:]) if sys.argv else "",
         "device": device,
     }
+    common = {"val_fraction": args.val_fraction, "device": device, "seed": args.seed, "progress": not args.quiet,
+              "calib_tiles": calib_tiles, "calib_labels": calib_labels}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    msflow = args.model.startswith("msflow-")
+    trainer = _train_msflow if msflow else _train_efficientad
+    if args.batch_size is None:
+        args.batch_size = 16 if msflow else 1
+    try:
+        model, info = trainer(args, tiles, pre, common, torch)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    provenance["id"] = f"{args.model}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
+    save_model(args.out, model, preprocess=pre, provenance=provenance, extra={"training": _jsonable(info)})
+    log.info("checkpoint written", path=str(args.out), thresholds=model.thresholds(),
+             seconds=round(float(info.get("seconds", 0.0)), 1))
+    return 0
+
+
+def _train_efficientad(args: argparse.Namespace, tiles: np.ndarray, pre: dict, common: dict,
+                       torch: Any) -> tuple[Any, dict]:  # noqa: ANN401
+    from knitwatch.models.efficientad import TeacherStateError, load_teacher_state
+    from knitwatch.models.train import train_efficientad
+
+    size = args.model.split("-")[1]
+    teacher = None
+    if args.teacher is not None:
+        try:
+            teacher = load_teacher_state(args.teacher, size)
+        except (TeacherStateError, OSError) as e:
+            raise CliError(str(e)) from None
+    grayscale = bool(pre.get("grayscale", True))
+    penalty = _images_as_tiles(args.penalty_images, int(pre["tile"]), grayscale) if args.penalty_images else None
+    resume_path = args.out.with_name(args.out.name + ".resume")
+    resume_state = None
+    if args.resume:
+        if not resume_path.is_file():
+            raise CliError(f"--resume: no resume state at {resume_path} (it is written during training)")
+        resume_state = torch.load(resume_path, map_location="cpu", weights_only=True)
+        log.info("resuming", step=int(resume_state["step"]), state=str(resume_path))
+    if common["device"] == "cpu" and args.steps > 5000:
+        log.warning("training on the CPU is slow: about 1 s per step for 64 px tiles at batch 8", steps=args.steps)
 
     def checkpoint_cb(step: int, model: Any, state: dict) -> None:  # noqa: ANN401
         tmp = resume_path.with_name(resume_path.name + ".tmp")
@@ -120,23 +143,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         tmp.replace(resume_path)
         log.info("resume state saved", step=step, path=str(resume_path))
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        model, info = train_efficientad(
-            tiles, size=size, steps=args.steps, teacher_state=teacher, penalty_tiles=penalty,
-            val_fraction=args.val_fraction, batch_size=args.batch_size, device=device, seed=args.seed,
-            progress=not args.quiet, checkpoint_cb=checkpoint_cb, checkpoint_every=args.checkpoint_every,
-            resume_state=resume_state, teacher_distill_steps=args.distill_steps,
-            allow_random_teacher=args.allow_random_teacher, calib_tiles=calib_tiles, calib_labels=calib_labels,
-        )
-    except ValueError as e:
-        raise CliError(str(e)) from None
-    provenance["id"] = f"{args.model}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
-    save_efficientad(args.out, model, preprocess=pre, provenance=provenance,
-                     extra={"training": _jsonable(info)})
+    result = train_efficientad(
+        tiles, size=size, steps=args.steps, teacher_state=teacher, penalty_tiles=penalty,
+        batch_size=args.batch_size, checkpoint_cb=checkpoint_cb, checkpoint_every=args.checkpoint_every,
+        resume_state=resume_state, teacher_distill_steps=args.distill_steps,
+        allow_random_teacher=args.allow_random_teacher, **common,
+    )
     resume_path.unlink(missing_ok=True)
-    log.info("checkpoint written", path=str(args.out), thresholds=model.thresholds(), seconds=round(info["seconds"], 1))
-    return 0
+    return result
+
+
+def _train_msflow(args: argparse.Namespace, tiles: np.ndarray, pre: dict, common: dict,
+                  torch: Any) -> tuple[Any, dict]:  # noqa: ANN401
+    from knitwatch.models.backbones import BackboneWeightsMissingError
+    from knitwatch.models.train_msflow import train_msflow
+
+    backbone = args.model[len("msflow-") :]
+    try:
+        return train_msflow(tiles, backbone=backbone, weights_path=args.backbone_weights,
+                            meta_epochs=args.meta_epochs, sub_epochs=args.sub_epochs, batch_size=args.batch_size,
+                            **common)
+    except BackboneWeightsMissingError as e:
+        raise CliError(str(e)) from None
 
 
 def _manifest(path: Path) -> dict:
@@ -216,7 +244,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         score = image_score(ts, grid)
         d = find_regions(np.where(valid, amap, 0), pixel_threshold=det.pixel_threshold,
                          image_threshold=det.image_threshold, min_area_px=args.min_area)
-        overlay = render_overlay(img, amap, d.regions, pixel_threshold=det.pixel_threshold)
+        overlay = render_overlay(img, amap, d.regions, d.mask, pixel_threshold=det.pixel_threshold,
+                                 image_threshold=det.image_threshold, title=f"{path.name}  score {score:.3f}")
         out = args.out / f"{path.stem}_overlay.png"
         cv2.imwrite(str(out), overlay)
         rows.append({"image": str(path), "decision": "defect" if d.defect else "ok", "score": round(score, 5),
@@ -264,8 +293,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("data", type=Path, metavar="DATA", help="tile dataset (folder with manifest.json)")
     tr.add_argument("--model", choices=MODEL_KINDS, default="efficientad-s")
     tr.add_argument("--out", type=Path, required=True, metavar="CKPT", help="checkpoint file to write")
-    tr.add_argument("--steps", type=int, default=70000, help="training steps (paper: 70000; default 70000)")
-    tr.add_argument("--batch-size", type=int, default=1, help="tiles per step (paper: 1)")
+    tr.add_argument("--steps", type=int, default=70000, help="EfficientAD training steps (paper: 70000)")
+    tr.add_argument("--batch-size", type=int, default=None,
+                    help="tiles per step (default: EfficientAD 1 as the paper, MSFlow 16)")
+    tr.add_argument("--meta-epochs", type=int, default=25, help="MSFlow meta-epochs (seed: 25)")
+    tr.add_argument("--sub-epochs", type=int, default=4, help="MSFlow sub-epochs per meta-epoch (seed: 4)")
+    tr.add_argument("--backbone-weights", type=Path, metavar="FILE",
+                    help="MSFlow: torchvision weights file of the backbone (default: torch hub cache)")
     tr.add_argument("--teacher", type=Path, help="PDN teacher state dict (teacher_small.pth layout); "
                     "default: distil one from EfficientNet-Lite0 on the training tiles")
     tr.add_argument("--distill-steps", type=int, default=10000, help="teacher distillation steps without --teacher")
@@ -279,7 +313,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
-    tr.set_defaults(func=cmd_train)
+    tr.set_defaults(func=cmd_train, batch_size=None)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on whole images with masks",
                         description="Tile the test images of DATA (MVTec layout of whole images or strips) "
