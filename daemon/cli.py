@@ -189,6 +189,25 @@ def cmd_ack(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """An inference worker on another host, pulling tiles from a daemon's tcp:// endpoints."""
+    from knitwatch.pipeline.stages import infer
+
+    settings = load_config(args)
+    tiles = args.tiles or settings.inference.tiles_endpoint
+    results = args.results or settings.inference.results_endpoint
+    if not (tiles and results) or not (tiles.startswith("tcp://") and results.startswith("tcp://")):
+        raise CliError("a remote worker needs tcp:// endpoints: --tiles and --results (or [inference] "
+                       "tiles_endpoint/results_endpoint), the addresses the daemon's host binds")
+    ckpt = checkpoint_summary(args.checkpoint or settings.model.checkpoint)
+    level = args.log_level or settings.logging.level
+    setup_logging(f"worker.{args.name}", level=level, fmt=args.log_format or settings.logging.format)
+    return infer.run(name=f"worker.{args.name}", control_endpoint=args.control or "ipc:///nonexistent-knitwatch",
+                     tiles_endpoint=tiles, results_endpoint=results, checkpoint=ckpt["path"],
+                     device=settings.inference.device, max_batch_tiles=settings.inference.max_batch_tiles,
+                     max_wait_ms=settings.inference.max_wait_ms)
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -234,6 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint", type=Path, metavar="CKPT", help="model checkpoint (overrides [model])")
     run.add_argument("--decisions-log", type=Path, metavar="FILE", help="append every frame's decision as JSON")
     run.set_defaults(func=cmd_run)
+
+    wk = sub.add_parser(
+        "worker",
+        help="run an extra inference worker on this host for a daemon on another host (tcp://)",
+        description="Pull tiles from a daemon's tiles endpoint, run the model (GPU when there is one), push "
+        "results to its alert stage. The daemon must bind tcp:// endpoints ([inference] tiles_endpoint and "
+        "results_endpoint, e.g. tcp://0.0.0.0:5601 and tcp://0.0.0.0:5602).",
+    )
+    wk.add_argument("--config", type=Path, metavar="PATH", default=argparse.SUPPRESS, help="TOML config file")
+    wk.add_argument("--checkpoint", type=Path, metavar="CKPT", help="the same model file the daemon uses")
+    wk.add_argument("--tiles", metavar="tcp://HOST:PORT", help="the daemon's tiles endpoint")
+    wk.add_argument("--results", metavar="tcp://HOST:PORT", help="the daemon's results endpoint")
+    wk.add_argument("--control", metavar="tcp://HOST:PORT", help="where to send heartbeats (optional)")
+    wk.add_argument("--name", default="remote", help="worker name in logs and results (default remote)")
+    wk.set_defaults(func=cmd_worker)
 
     ack = sub.add_parser(
         "ack",
