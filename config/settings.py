@@ -115,7 +115,9 @@ class InferenceConfig(Section):
     precision: Literal["fp32", "fp16", "bf16"] = "fp16"
     max_batch_tiles: int = Field(64, ge=1, le=4096)
     max_wait_ms: float = Field(50.0, ge=0, le=10000)
-    workers: int = Field(1, ge=1, le=64, description="inference worker processes started on this host")
+    workers: int = Field(
+        1, ge=0, le=64, description="inference worker processes started on this host (0: only remote workers)"
+    )
     tiles_endpoint: str | None = Field(
         None, description="where the tiler offers tiles, e.g. tcp://0.0.0.0:5601 for workers on other hosts"
     )
@@ -143,6 +145,25 @@ class DaemonConfig(Section):
     coverage_warn: float = Field(0.95, ge=0, le=1, description="warn when inspected/captured falls below")
 
 
+class SeverityClassConfig(Section):
+    """One severity class of a confirmed defect. A class matches when one region of the frame is at
+    least ``min_area_px`` large AND its peak score is at least ``min_peak_ratio`` times the image
+    threshold; classes are tried in order and the first match decides the action."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    action: Literal["stop", "alarm", "log"]
+    min_area_px: int = Field(0, ge=0, description="the region has at least this many pixels (frame pixels)")
+    min_peak_ratio: float = Field(0.0, ge=0, description="the region's peak score / the image threshold")
+
+
+def default_severity_classes() -> list[SeverityClassConfig]:
+    return [
+        SeverityClassConfig(name="major", action="stop", min_area_px=200),
+        SeverityClassConfig(name="intense", action="stop", min_peak_ratio=2.0),
+        SeverityClassConfig(name="minor", action="alarm"),
+    ]
+
+
 class AlertConfig(Section):
     confirm_k: int = Field(2, ge=1, description="a defect must be seen in k of the last n frames")
     confirm_n: int = Field(3, ge=1)
@@ -151,30 +172,77 @@ class AlertConfig(Section):
     decisions_log: Path | None = Field(None, description="append every frame's decision as a JSON line (audit)")
     image_threshold: float | None = Field(None, description="overrides the checkpoint's image threshold")
     pixel_threshold: float | None = Field(None, description="overrides the checkpoint's pixel threshold")
+    severity: list[SeverityClassConfig] = Field(
+        default_factory=default_severity_classes,
+        description="severity classes, first match wins; a confirmed defect matching none is only logged",
+    )
 
     @model_validator(mode="after")
     def _k_le_n(self) -> AlertConfig:
         if self.confirm_k > self.confirm_n:
             raise ValueError(f"confirm_k ({self.confirm_k}) must not exceed confirm_n ({self.confirm_n})")
+        names = [c.name for c in self.severity]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"severity class names must be unique, repeated: {', '.join(dup)}")
         return self
 
 
 class PlcConfig(Section):
+    """How a stop (and an alarm) reaches the machine. Stops latch until acknowledged (``knitwatch ack``)."""
+
     driver: Literal["log", "modbus", "opcua", "command"] = "log"
+    # Modbus TCP
     host: str = "127.0.0.1"
     port: int = Field(502, ge=1, le=65535)
-    unit_id: int = Field(1, ge=0, le=255)
-    stop_coil: int = Field(0, ge=0, le=65535)
-    heartbeat_coil: int = Field(1, ge=0, le=65535)
-    heartbeat_s: float = Field(1.0, gt=0, le=60)
-    opcua_node: str = ""
+    unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (device) id")
+    output: Literal["coil", "register"] = Field(
+        "coil", description="modbus: write coils, or holding registers (stop_value / 0, heartbeat counts up)"
+    )
+    stop_address: int = Field(0, ge=0, le=65535, description="modbus: the stop coil/register (1 = stop)")
+    alarm_address: int | None = Field(None, ge=0, le=65535, description="modbus: optional alarm coil/register")
+    heartbeat_address: int | None = Field(1, ge=0, le=65535, description="modbus: heartbeat coil/register")
+    stop_value: int = Field(1, ge=1, le=65535, description="modbus register mode: the value that means stop")
+    timeout_s: float = Field(1.0, gt=0, le=30, description="connect/response timeout of one PLC request")
+    # all drivers with outputs
+    heartbeat_s: float = Field(1.0, gt=0, le=60, description="toggle the heartbeat this often")
+    heartbeat_idle_s: float = Field(
+        10.0, ge=0, description="pause the heartbeat when no inspection result came for this long (0: never)"
+    )
+    retry_initial_s: float = Field(0.2, gt=0, le=60, description="first retry delay of an unconfirmed action")
+    retry_max_s: float = Field(5.0, gt=0, le=600, description="retry delay doubles up to this")
+    # OPC UA (pip install 'knitwatch[opcua]')
+    opcua_url: str = Field("", description="e.g. opc.tcp://192.168.1.10:4840")
+    opcua_stop_node: str = Field("", description="node id of a Boolean written True to stop, e.g. ns=2;s=Stop")
+    opcua_alarm_node: str = ""
+    opcua_heartbeat_node: str = ""
+    # command
     command: list[str] = Field(default_factory=list, description="program and arguments for driver 'command'")
+    command_timeout_s: float = Field(10.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _driver_needs(self) -> PlcConfig:
+        if self.driver == "command" and not self.command:
+            raise ValueError("driver 'command' needs 'command' (program and arguments)")
+        if self.driver == "opcua" and not (self.opcua_url and self.opcua_stop_node):
+            raise ValueError("driver 'opcua' needs 'opcua_url' and 'opcua_stop_node'")
+        if self.driver == "modbus" and self.heartbeat_address is not None and self.heartbeat_address in (
+            self.stop_address, self.alarm_address
+        ):
+            raise ValueError("heartbeat_address must differ from stop_address and alarm_address")
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError("retry_max_s must not be below retry_initial_s")
+        return self
 
 
 class StoreConfig(Section):
+    """The defect store: SQLite index ``events.sqlite3`` and image folders ``events/`` under ``path``."""
+
     path: Path = Path("/var/lib/knitwatch")
-    retention_days: int = Field(30, ge=1)
-    max_gb: float = Field(10.0, gt=0)
+    retention_days: float = Field(30, gt=0, description="delete events older than this (except kept ones)")
+    max_gb: float = Field(10.0, gt=0, description="delete the oldest events beyond this total size (except kept)")
+    fsync: bool = Field(True, description="fsync image files before they count as written (power-loss safe)")
+    thumbnail_px: int = Field(320, ge=32, le=2048, description="longer side of the thumbnail")
 
 
 class ApiConfig(Section):

@@ -117,7 +117,8 @@ def checkpoint_summary(path: Path | None) -> dict:
         ckpt = load_checkpoint(path)
     except CheckpointError as e:
         raise CliError(str(e)) from None
-    return {"path": str(path), "preprocess": ckpt.preprocess, "thresholds": ckpt.thresholds, "kind": ckpt.kind}
+    return {"path": str(path), "preprocess": ckpt.preprocess, "thresholds": ckpt.thresholds, "kind": ckpt.kind,
+            "id": str(ckpt.provenance.get("id", Path(path).name))}
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -145,6 +145,8 @@ class Supervisor:
                 "results_endpoint": ep["results"], "thresholds": self.ckpt["thresholds"],
                 "alert": s.alert.model_dump(mode="json"), "cameras": cams,
                 "decisions_path": str(s.alert.decisions_log) if s.alert.decisions_log else None,
+                "plc": s.plc.model_dump(mode="json"), "store": s.store.model_dump(mode="json"),
+                "model": {"kind": self.ckpt.get("kind"), "path": self.ckpt["path"], "id": self.ckpt.get("id")},
             }),
             StageSpec("tiler", "tiler", "knitwatch.pipeline.stages.tiler", {
                 "frames_endpoint": ep["frames"], "tiles_endpoint": ep["tiles"], "preprocess": self.ckpt["preprocess"],

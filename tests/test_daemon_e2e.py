@@ -105,8 +105,8 @@ def test_daemon_detects_restarts_and_stops_cleanly(tmp_path: Path, tiny_model: P
         )
     try:
         def started() -> dict[str, int]:
-            return {r["stage_name"]: r["child_pid"] for r in read_json_lines(log_path) if r.get("event") == "stage spawned"
-                    and "child_pid" in r}
+            return {r["stage_name"]: r["child_pid"] for r in read_json_lines(log_path)
+                    if r.get("event") == "stage spawned"}
 
         wait_for(lambda: len(read_json_lines(decisions)) >= 45, 240, "45 inspected frames", proc)
         first_infer = started()["infer.0"]
@@ -151,3 +151,46 @@ def test_daemon_detects_restarts_and_stops_cleanly(tmp_path: Path, tiny_model: P
     assert [r for r in with_hole if r["event"]], "no event for the holes"
     cutline = [r for r in clean if r["truth"]["cutline"]]
     assert cutline and not any(r["defect"] for r in cutline), "cutline frames were flagged"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_remote_worker_over_tcp(tmp_path: Path, tiny_model: Path) -> None:
+    """No local inference worker: frames are inspected by a `knitwatch worker` process over tcp://."""
+    tiles_ep, results_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    cfg = write_config(tmp_path)
+    text = cfg.read_text().replace("[inference]\n", f'[inference]\nworkers = 0\ntiles_endpoint = "{tiles_ep}"\n'
+                                   f'results_endpoint = "{results_ep}"\n')
+    cfg.write_text(text)
+    decisions = tmp_path / "decisions.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KNITWATCH_")}
+    base = [sys.executable, "-m", "knitwatch.daemon", "--log-format", "json"]
+    with open(tmp_path / "daemon.log", "w") as dlog, open(tmp_path / "worker.log", "w") as wlog:
+        daemon = subprocess.Popen([*base, "run", "--config", str(cfg), "--checkpoint", str(tiny_model),
+                                   "--decisions-log", str(decisions)], stdout=dlog, stderr=subprocess.STDOUT, env=env)
+        worker = subprocess.Popen([*base, "worker", "--checkpoint", str(tiny_model), "--tiles", tiles_ep,
+                                   "--results", results_ep, "--name", "w1"], stdout=wlog, stderr=subprocess.STDOUT,
+                                  env=env)
+    try:
+        wait_for(lambda: len(read_json_lines(decisions)) >= 10, 180, "10 frames inspected by the remote worker",
+                 daemon)
+        assert worker.poll() is None
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=15) == 0
+    finally:
+        for p in (daemon, worker):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    spawned = [r["stage_name"] for r in read_json_lines(tmp_path / "daemon.log") if r.get("event") == "stage spawned"]
+    assert not [s for s in spawned if s.startswith("infer")]
+    assert any(r.get("event") == "inference worker ready" for r in read_json_lines(tmp_path / "worker.log"))

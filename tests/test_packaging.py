@@ -21,7 +21,7 @@ def test_regular_install_maps_root_folders(tmp_path: Path) -> None:
     assert not (target / "models").exists() and not (target / "config").exists()  # no top-level names leak
     code = (
         "import knitwatch.models, knitwatch.pipeline, knitwatch.daemon, knitwatch.config;"
-        "import knitwatch.config.settings;"
+        "import knitwatch.config.settings, knitwatch.pipeline.stages.alert, knitwatch.pipeline.actions;"
         "import pathlib, sys; p = pathlib.Path(knitwatch.config.settings.__file__);"
         "sys.stdout.write(str(p))"
     )

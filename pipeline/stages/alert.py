@@ -155,8 +155,7 @@ class AlertStage(Stage):
             self.thumbnail_px = int(store.get("thumbnail_px", 320))
             try:
                 self.store = Store(store["path"], retention_days=float(store.get("retention_days", 30)),
-                                   max_gb=float(store.get("max_gb", 10.0)), fsync=bool(store.get("fsync", True)),
-                                   thumbnail_px=self.thumbnail_px)
+                                   max_gb=float(store.get("max_gb", 10.0)), fsync=bool(store.get("fsync", True)))
                 self.store.recover()
                 self.store.enforce_retention()
             except (StoreError, OSError, sqlite3.Error) as e:  # inspection and the PLC matter more than pictures
@@ -215,7 +214,12 @@ class AlertStage(Stage):
                 st.events += 1
                 event_id = self._event(msg.header, msg.arrays, st, decision, severity, pixel_thr, t_decision)
             elif severity.rank > st.last_event_rank and st.last_event_id is not None:
-                self._escalate(msg.header, st, decision, severity, t_decision)
+                if self._acknowledged(st.last_event_id):  # acknowledged, then it grew: a new event
+                    event = True
+                    st.events += 1
+                    event_id = self._event(msg.header, msg.arrays, st, decision, severity, pixel_thr, t_decision)
+                else:
+                    self._escalate(msg.header, st, decision, severity, t_decision)
             st.last_event_seq = seq
         if decision.defect:
             st.defect_frames += 1
@@ -295,6 +299,14 @@ class AlertStage(Stage):
             self.writer.submit(Snapshot(event_id, dict(head), arrays[0], arrays[1], decision, severity, pixel_thr))
             self._next_store_stats = 0.0
         return event_id
+
+    def _acknowledged(self, event_id: int) -> bool:
+        if self.store is None or event_id <= 0:
+            return False
+        try:
+            return self.store.is_acknowledged(event_id)
+        except sqlite3.Error:
+            return False
 
     def _escalate(self, head: dict[str, Any], st: CameraState, decision: FrameDecision, severity: Severity,
                   t_decision: int) -> None:
