@@ -155,7 +155,8 @@ class SimulatorSource:
             "frame": truth.index,
             "revolution": truth.revolution,
             "cutline": truth.cutline_visible,
-            "defects": [{"kind": d["kind"], "box": [int(v) for v in d["box"]]} for d in truth.defects],
+            "defects": [{"id": d.get("id"), "kind": d["kind"], "box": [int(v) for v in d["box"]]}
+                        for d in truth.defects],
         }
         self._i += 1
         return img
