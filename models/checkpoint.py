@@ -200,6 +200,7 @@ _BUILDERS: dict[str, Builder] = {}
 _BUILTIN_KINDS: dict[str, tuple[str, str]] = {
     "efficientad-s": ("knitwatch.models.efficientad", "build_efficientad_from_checkpoint"),
     "efficientad-m": ("knitwatch.models.efficientad", "build_efficientad_from_checkpoint"),
+    "patchcore": ("knitwatch.models.patchcore", "build_patchcore_from_checkpoint"),
     **{f"msflow-{b}": ("knitwatch.models.msflow", "build_msflow_from_checkpoint") for b in ("efficientnet-lite0", "resnet18", "resnet34", "wide_resnet50_2")},  # noqa: E501
 }
 

@@ -394,7 +394,7 @@ class EfficientAD(nn.Module):
         self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         # Non-tensor facts about how the model was made (teacher source, training run); saved in the
-        # checkpoint's provenance by `save_efficientad`.
+        # checkpoint's provenance by `save_model`.
         self.provenance: dict[str, Any] = {}
         self.teacher.eval()
 
@@ -555,17 +555,6 @@ def save_model(
         extra=ext,
     )
 
-
-def save_efficientad(
-    path: str | Path,
-    model: EfficientAD,
-    *,
-    preprocess: Mapping[str, Any] | None = None,
-    provenance: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """`save_model` for an EfficientAD model (kept for existing callers)."""
-    return save_model(path, model, preprocess=preprocess, provenance=provenance, extra=extra)
 
 
 def build_efficientad_from_checkpoint(ckpt: Checkpoint) -> EfficientAD:

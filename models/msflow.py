@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from knitwatch.models.backbones import LITE0, MultiScaleExtractor
 from knitwatch.models.checkpoint import Checkpoint, register_model_kind
-from knitwatch.models.efficientad import predict_tiles, save_model
+from knitwatch.models.efficientad import predict_tiles
 from knitwatch.models.lite0 import IMAGENET_MEAN, IMAGENET_STD
 
 log = structlog.get_logger(__name__)
@@ -479,7 +479,7 @@ class MSFlow(nn.Module):
         self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         # Non-tensor facts about how the model was made (backbone weights, training run); saved in the
-        # checkpoint's provenance by `save_msflow`.
+        # checkpoint's provenance by `save_model`.
         self.provenance: dict[str, Any] = {}
         if not _weights_from_checkpoint:
             self.provenance["backbone"] = {
@@ -599,17 +599,6 @@ class MSFlow(nn.Module):
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
-
-def save_msflow(
-    path: str | Path,
-    model: MSFlow,
-    *,
-    preprocess: dict[str, Any] | None = None,
-    provenance: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write ``model`` as a knitwatch checkpoint (the shared `save_model`)."""
-    return save_model(path, model, preprocess=preprocess, provenance=provenance, extra=extra)
 
 
 def build_msflow_from_checkpoint(ckpt: Checkpoint) -> MSFlow:

@@ -53,6 +53,19 @@ def calibrate_f1_threshold(scores: np.ndarray | Tensor, labels: np.ndarray | Ten
     return metrics.best_f1_threshold(s, y)
 
 
+def apply_f1_threshold(model: torch.nn.Module, cal: dict[str, Any], calib_tiles: np.ndarray | Tensor,
+                       calib_labels: np.ndarray | Tensor | None, *, batch_size: int) -> None:
+    """Replace the model's image threshold by the best-F1 one on labelled tiles (1 = defect); notes it in ``cal``."""
+    if calib_labels is None:
+        raise ValueError("calib_tiles needs calib_labels")
+    _, scores = model.predict(calib_tiles, batch_size=batch_size)
+    thr, f1 = calibrate_f1_threshold(scores, np.asarray(calib_labels))
+    model.image_threshold.fill_(thr)
+    cal["image_threshold"] = float(model.image_threshold)
+    cal["rule"]["image"] = "best F1 on labelled calibration tiles"
+    cal["calib_f1"] = f1
+
+
 def quantile_threshold(values: Tensor, q: float, margin: float) -> float:
     """``quantile(values, q) + margin * (quantile(values, q) - median(values))``.
 
@@ -364,14 +377,7 @@ def train_efficientad(
         device=dev,
     )
     if calib_tiles is not None:
-        if calib_labels is None:
-            raise ValueError("calib_tiles needs calib_labels")
-        _, scores = model.predict(calib_tiles, batch_size=eval_batch_size)
-        thr, f1 = calibrate_f1_threshold(scores, np.asarray(calib_labels))
-        model.image_threshold.fill_(thr)
-        cal["image_threshold"] = float(model.image_threshold)
-        cal["rule"]["image"] = "best F1 on labelled calibration tiles"
-        cal["calib_f1"] = f1
+        apply_f1_threshold(model, cal, calib_tiles, calib_labels, batch_size=eval_batch_size)
     model.provenance.update(
         {
             "trainer": "knitwatch.models.train.train_efficientad",

@@ -35,7 +35,7 @@ from knitwatch.models.msflow import (
     nll_loss,
     scale_nll_maps,
 )
-from knitwatch.models.train import calibrate_f1_threshold, quantile_threshold, split_indices, subsample
+from knitwatch.models.train import apply_f1_threshold, quantile_threshold, split_indices, subsample
 
 log = structlog.get_logger(__name__)
 
@@ -351,14 +351,7 @@ def train_msflow(
         device=dev,
     )
     if calib_tiles is not None:
-        if calib_labels is None:
-            raise ValueError("calib_tiles needs calib_labels")
-        _, scores = model.predict(calib_tiles, batch_size=eval_batch_size)
-        thr, f1 = calibrate_f1_threshold(scores, np.asarray(calib_labels))
-        model.image_threshold.fill_(thr)
-        cal["image_threshold"] = float(model.image_threshold)
-        cal["rule"]["image"] = "best F1 on labelled calibration tiles"
-        cal["calib_f1"] = f1
+        apply_f1_threshold(model, cal, calib_tiles, calib_labels, batch_size=eval_batch_size)
     model.provenance.update(
         {
             "trainer": "knitwatch.models.train_msflow.train_msflow",

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from knitwatch.models.efficientad import save_efficientad
+from knitwatch.models.efficientad import save_model
 from knitwatch.models.train import train_efficientad
 from knitwatch.pipeline.preprocess import PreprocessConfig, PreprocessParams, preprocess
 from knitwatch.pipeline.sources.knitsim import FabricSpec, KnitStream
@@ -50,7 +50,7 @@ def train_simulator_model(out: Path, *, width: int, height: int, pitch_px: float
                                     progress=progress, image_quantile=image_quantile,
                                     threshold_margin=threshold_margin)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_efficientad(out, model, preprocess=PreprocessConfig(params).to_dict(),
+    save_model(out, model, preprocess=PreprocessConfig(params).to_dict(),
                      provenance={"id": f"simulator-{texture}-p{pitch_px:g}-t{tile}-s{steps}",
                                  "dataset": "knit simulator", "train_tiles": int(len(tiles))})
     return out

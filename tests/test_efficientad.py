@@ -24,7 +24,7 @@ from knitwatch.models.efficientad import (
     load_teacher_state,
     pdn_output_size,
     random_teacher,
-    save_efficientad,
+    save_model,
 )
 from knitwatch.models.lite0 import (
     FEATURE_CHANNELS,
@@ -398,7 +398,7 @@ def test_end_to_end_finds_holes(trained, tmp_path):
     assert np.mean(scores[16:] >= float(model.image_threshold)) >= 0.75
 
     # the checkpoint round trip gives the same model
-    path = save_efficientad(tmp_path / "ead.ckpt", model, preprocess={"tile": 64, "grayscale": True})
+    path = save_model(tmp_path / "ead.ckpt", model, preprocess={"tile": 64, "grayscale": True})
     ckpt = load_checkpoint(path)
     assert ckpt.kind == "efficientad-s"
     assert ckpt.provenance["teacher"]["source"] == teacher.source

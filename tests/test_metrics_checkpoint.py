@@ -21,7 +21,7 @@ from knitwatch.models.checkpoint import (
     register_model_kind,
     save_checkpoint,
 )
-from knitwatch.models.efficientad import EfficientAD, save_efficientad
+from knitwatch.models.efficientad import EfficientAD, save_model
 from knitwatch.models.metrics import au_pro, auroc, best_f1_threshold, f1_at_threshold, roc_curve
 from knitwatch.models.train import calibrate_f1_threshold, quantile_threshold
 
@@ -148,7 +148,7 @@ def _calibrated_model() -> EfficientAD:
 
 def test_checkpoint_roundtrip_bit_exact(tmp_path):
     model = _calibrated_model()
-    path = save_efficientad(
+    path = save_model(
         tmp_path / "m.ckpt", model, preprocess={"tile": 64, "scale": 0.5}, provenance={"id": "abc"}, extra={"k": [1]}
     )
     assert not [p for p in os.listdir(tmp_path) if p != "m.ckpt"]  # no temp files left behind
@@ -179,7 +179,7 @@ def test_checkpoint_roundtrip_bit_exact(tmp_path):
 
 def test_checkpoint_file_is_plain_data(tmp_path):
     model = _calibrated_model()
-    path = save_efficientad(tmp_path / "m.ckpt", model)
+    path = save_model(tmp_path / "m.ckpt", model)
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == FORMAT_NAME and raw["format_version"] == FORMAT_VERSION
     meta = json.loads(raw["metadata"])
@@ -192,7 +192,7 @@ def _write(path, obj):
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):
-    good = save_efficientad(tmp_path / "good.ckpt", _calibrated_model())
+    good = save_model(tmp_path / "good.ckpt", _calibrated_model())
     data = good.read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     (tmp_path / "garbage.ckpt").write_bytes(os.urandom(256))
@@ -233,10 +233,10 @@ def test_save_refuses_unstorable_metadata(tmp_path):
 
 
 def test_overwrite_is_atomic(tmp_path):
-    path = save_efficientad(tmp_path / "m.ckpt", _calibrated_model())
+    path = save_model(tmp_path / "m.ckpt", _calibrated_model())
     model = _calibrated_model()
     model.set_thresholds(0.5, 0.6)
-    save_efficientad(path, model)
+    save_model(path, model)
     assert load_checkpoint(path).thresholds == {"image": 0.5, "pixel": float(torch.tensor(0.6))}
     assert sorted(os.listdir(tmp_path)) == ["m.ckpt"]
 

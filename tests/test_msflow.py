@@ -12,13 +12,13 @@ import torchvision
 from knitwatch.models import backbones
 from knitwatch.models.backbones import BackboneWeightsMissingError, MultiScaleExtractor, default_backbone
 from knitwatch.models.checkpoint import build_model, known_kinds, load_checkpoint
+from knitwatch.models.efficientad import save_model
 from knitwatch.models.msflow import (
     KINDS,
     MSFlow,
     MultiScaleFlow,
     nll_loss,
     positional_encoding_2d,
-    save_msflow,
     scale_nll_maps,
     soft_clamp,
     topk_mean,
@@ -273,7 +273,7 @@ def test_msflow_kinds_are_known():
 @pytest.mark.parametrize("backbone", ["efficientnet-lite0", "resnet18"])
 def test_checkpoint_roundtrip_bit_exact(tmp_path, monkeypatch, weight_files, backbone):
     model = _trained_like(backbone, weights_path=weight_files.get(backbone))
-    path = save_msflow(tmp_path / "m.ckpt", model, preprocess={"tile": 64, "scale": 0.5}, provenance={"id": "x"})
+    path = save_model(tmp_path / "m.ckpt", model, preprocess={"tile": 64, "scale": 0.5}, provenance={"id": "x"})
     ckpt = load_checkpoint(path)
     assert ckpt.kind == f"msflow-{backbone}"
     assert ckpt.hparams == {
@@ -312,7 +312,7 @@ def test_checkpoint_roundtrip_bit_exact(tmp_path, monkeypatch, weight_files, bac
 def test_uncalibrated_model_saves_without_thresholds(tmp_path):
     model = MSFlow("efficientnet-lite0", 64, **SMALL)
     assert not model.is_calibrated and np.isnan(model.thresholds()["image"])
-    ckpt = load_checkpoint(save_msflow(tmp_path / "u.ckpt", model))
+    ckpt = load_checkpoint(save_model(tmp_path / "u.ckpt", model))
     assert ckpt.thresholds == {}
     assert not build_model(ckpt).is_calibrated
 
