@@ -1,6 +1,7 @@
 """The wire format between pipeline stages: a versioned JSON header plus raw buffers, multipart.
 
-A message is ``[header_json, buffer_0, buffer_1, ...]``. The header names the message ``kind``, the
+A message is ``[header_json, buffer_0, buffer_1, ...]`` (on a ROUTER socket preceded by the peer's
+identity frame). The header names the message ``kind``, the
 format version ``v`` and, for each buffer, its shape and dtype under ``bufs``; buffers travel as
 raw bytes, sent zero-copy. :func:`decode` checks everything a receiver relies on and raises
 :class:`WireError` for anything else: receivers count and drop such messages, they never crash.
@@ -16,7 +17,7 @@ import numpy as np
 import zmq
 
 VERSION = 1
-KINDS = ("frame", "tiles", "result", "heartbeat")
+KINDS = ("frame", "tiles", "result", "heartbeat", "credit")
 _DTYPES = {"uint8", "float16", "float32"}
 _MAX_HEADER = 1 << 20
 
@@ -26,9 +27,10 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "tiles": ("cam", "seq", "t_wall_ns", "t_mono_ns", "grid"),
     "result": ("cam", "seq", "t_wall_ns", "t_mono_ns", "image_score", "tile_scores"),
     "heartbeat": ("stage", "pid", "stats"),
+    "credit": ("n",),
 }
 #: how many buffers a kind carries
-NBUFS = {"frame": 1, "tiles": 2, "result": 2, "heartbeat": 0}
+NBUFS = {"frame": 1, "tiles": 2, "result": 2, "heartbeat": 0, "credit": 0}
 
 
 class WireError(ValueError):
@@ -109,3 +111,16 @@ def send(sock: zmq.Socket, kind: str, header: dict[str, Any], arrays: list[np.nd
 def recv(sock: zmq.Socket, flags: int = 0) -> Message:
     """Receive one message; :class:`WireError` when it is malformed (it has been consumed)."""
     return decode(sock.recv_multipart(flags=flags, copy=False))
+
+
+def recv_routed(sock: zmq.Socket, flags: int = 0) -> tuple[bytes, Message]:
+    """Receive on a ROUTER socket: (peer identity, message). :class:`WireError` when malformed."""
+    parts = sock.recv_multipart(flags=flags, copy=False)
+    if len(parts) < 2:
+        raise WireError("routed message without identity")
+    return parts[0].bytes, decode(parts[1:])
+
+
+def send_routed(sock: zmq.Socket, peer: bytes, kind: str, header: dict[str, Any], arrays: list[np.ndarray] = (),
+                flags: int = 0) -> None:
+    sock.send_multipart([peer, *encode(kind, header, arrays)], flags=flags, copy=False)

@@ -26,23 +26,34 @@ def test_tiler_survives_garbage_and_tiles_frames(tmp_path: Path) -> None:
                         frames_endpoint=f"ipc://{tmp_path}/f.sock", tiles_endpoint=f"ipc://{tmp_path}/t.sock",
                         preprocess=pre, cameras=[CAM])
     try:
-        push = st.socket(zmq.PUSH, f"ipc://{tmp_path}/f.sock", bind=False)
-        pull = st.socket(zmq.PULL, f"ipc://{tmp_path}/t.sock", bind=False)
+        cap = st.socket(zmq.DEALER, f"ipc://{tmp_path}/f.sock", bind=False)  # plays a capture process
+        worker = st.socket(zmq.DEALER, f"ipc://{tmp_path}/t.sock", bind=False)  # plays an inference worker
         for parts in GARBAGE:
-            push.send_multipart(parts)
+            cap.send_multipart(parts)
         st.wait_stats(lambda s: s.get("bad_messages", 0) == len(GARBAGE))
-        wire.send(push, "frame", {**frame_header(0), "cam": "other"}, [np.zeros((64, 64), np.uint8)])
-        wire.send(push, "frame", frame_header(1), [np.zeros((64, 64, 5), np.uint8)])  # 5 channels: cannot tile
+        wire.send(cap, "credit", {"n": 0})  # hello
+        assert cap.poll(10000) and wire.recv(cap).kind == "credit"  # the tiler grants one frame
+        wire.send(cap, "frame", {**frame_header(0), "cam": "other"}, [np.zeros((64, 64), np.uint8)])
+        assert cap.poll(10000) and wire.recv(cap).kind == "credit"  # dropped, credit back
+        wire.send(cap, "frame", frame_header(1), [np.zeros((64, 64, 5), np.uint8)])  # 5 channels: cannot tile
+        assert cap.poll(10000) and wire.recv(cap).kind == "credit"
         frame = np.random.default_rng(0).integers(0, 255, (64, 96), dtype=np.uint8)
-        wire.send(push, "frame", frame_header(2), [frame])
-        assert pull.poll(30000), "no tiles came out"
-        msg = wire.recv(pull)
+        wire.send(cap, "frame", frame_header(2), [frame])
+        assert not worker.poll(500), "tiles sent to a worker that gave no credit"
+        assert not cap.poll(300), "a new credit before the frame was handed on"
+        wire.send(worker, "credit", {"n": 6, "received": 0})
+        assert worker.poll(10000), "no tiles came out"
+        msg = wire.recv(worker)
         assert msg.kind == "tiles" and msg["seq"] == 2 and msg["cam"] == "c"
         grid = TileGrid.from_dict(msg["grid"])
         assert msg.arrays[0].shape == (6, 32, 32) and len(grid) == 6
         np.testing.assert_array_equal(msg.arrays[1], frame)
-        stats = st.wait_stats(lambda s: s.get("frames") == 1)
+        assert cap.poll(10000) and wire.recv(cap).kind == "credit"  # handed on: the camera may send again
+        wire.send(cap, "frame", frame_header(3), [frame])
+        assert not worker.poll(500), "the worker's room (6 tiles) was used up"
+        stats = st.wait_stats(lambda s: s.get("frames") == 2)
         assert stats["unknown_camera"] == 1 and stats["bad_frames"] == 1 and stats["bad_messages"] == len(GARBAGE)
+        assert stats["waiting_frames"] == 1
     finally:
         assert st.stop() == 0
 

@@ -7,7 +7,6 @@ stage owns pacing, reconnects with back-off and counting; sources stay simple.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Protocol
 
@@ -175,10 +174,3 @@ def make_source(cam: dict) -> FrameSource:
     if kind == "simulator":
         return SimulatorSource(cam["width"], cam["height"], fps=cam["fps"], sim=cam["simulator"])
     raise SourceError(f"unknown source kind {kind!r}")
-
-
-def sleep_until(deadline: float) -> None:
-    """Sleep until ``time.monotonic()`` reaches ``deadline`` (no-op when it passed)."""
-    delay = deadline - time.monotonic()
-    if delay > 0:
-        time.sleep(delay)

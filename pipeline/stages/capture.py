@@ -1,6 +1,9 @@
-"""Capture stage: one process per camera. Read, timestamp, push; never block the camera.
+"""Capture stage: one process per camera. Read, timestamp, send; never block the camera.
 
-Downstream full -> the oldest unsent frame is dropped and counted (``dropped``). Camera errors ->
+Flow control is by credit: the tiler grants a credit when it can take this camera's next frame, and
+a frame is sent only against a credit, so no queue between the stages can grow and add latency.
+Until then the newest frame waits here and an older waiting one is dropped and counted (``dropped``).
+Without a credit for a second the stage says hello again (the tiler may have restarted). Camera errors ->
 reconnect with exponential back-off (``reconnects``); reads that return nothing or take longer than
 ``stall_s`` count as ``stalls``. Frames are paced at the configured fps for sources that do not pace
 themselves (files, folders, the simulator).
@@ -15,7 +18,7 @@ import numpy as np
 import zmq
 
 from knitwatch.pipeline import wire
-from knitwatch.pipeline.sources.base import FrameSource, SourceError, make_source, sleep_until
+from knitwatch.pipeline.sources.base import FrameSource, SourceError, make_source
 from knitwatch.pipeline.stages.common import Stage
 
 
@@ -29,8 +32,10 @@ class CaptureStage(Stage):
         self.cam_id = camera["id"]
         self.fps = float(camera["fps"])
         self.source = source if source is not None else make_source(camera)
-        self.out = self.socket(zmq.PUSH, frames_endpoint, bind=False, hwm=1)
+        self.out = self.socket(zmq.DEALER, frames_endpoint, bind=False, hwm=4)
         self.pending: collections.deque[list] = collections.deque()
+        self.credit = 0
+        self.last_hello = 0.0
         self.queue_frames = queue_frames
         self.stall_s = stall_s
         self.max_backoff_s = max_backoff_s
@@ -59,13 +64,25 @@ class CaptureStage(Stage):
         self.next_t = time.monotonic()
 
     def _flush(self) -> None:
-        while self.pending:
+        while self.out.poll(0):  # credits granted by the tiler
+            msg = self.receive(self.out, 0)
+            if msg is not None and msg.kind == "credit":
+                self.credit = min(1, self.credit + max(0, int(msg["n"])))
+        while self.pending and self.credit > 0:
             try:
                 self.out.send_multipart(self.pending[0], flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self.pending.popleft()
+            self.credit -= 1
             self.counters["sent"] += 1
+        now = time.monotonic()
+        if self.credit == 0 and now - self.last_hello > 1.0:
+            self.last_hello = now
+            try:  # "I am here": the tiler answers with a credit
+                wire.send(self.out, "credit", {"n": 0, "cam": self.cam_id}, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
 
     def step(self) -> None:
         if not self.is_open:
@@ -77,7 +94,11 @@ class CaptureStage(Stage):
                 self._open()
             return
         if not self.source.live:
-            sleep_until(self.next_t)
+            wait = self.next_t - time.monotonic()
+            if wait > 0:  # until the next frame is due, wake up for credits and send what waits
+                self.out.poll(int(min(wait, 0.1) * 1000) + 1)
+                self._flush()
+                return
             self.next_t = max(self.next_t + 1.0 / self.fps, time.monotonic() - 1.0 / self.fps)
         t0 = time.monotonic()
         try:

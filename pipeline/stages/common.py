@@ -25,7 +25,6 @@ from knitwatch.pipeline import wire
 log = structlog.get_logger(__name__)
 
 PR_SET_PDEATHSIG = 1
-KERNEL_BUFFER_BYTES = 128 * 1024
 
 
 def die_with_parent() -> None:
@@ -72,10 +71,10 @@ class Stage:
     # -- sockets
     def socket(self, kind: int, endpoint: str, *, bind: bool, hwm: int = 2) -> zmq.Socket:
         s = self.zctx.socket(kind)
-        s.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, hwm)
-        # Small kernel buffers too: ZeroMQ's high-water mark counts messages in its own queues, but an
-        # ipc/tcp socket's kernel buffers would hold several more frames and add their age to the latency.
-        s.setsockopt(zmq.SNDBUF if kind == zmq.PUSH else zmq.RCVBUF, KERNEL_BUFFER_BYTES)
+        s.setsockopt(zmq.SNDHWM, hwm)
+        s.setsockopt(zmq.RCVHWM, hwm)
+        if kind == zmq.ROUTER:
+            s.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer raises instead of vanishing
         s.setsockopt(zmq.LINGER, 0 if kind == zmq.PULL else 2000)
         if bind:
             if endpoint.startswith("ipc://"):
@@ -92,14 +91,21 @@ class Stage:
         """One message or None (timeout); malformed messages are counted, logged and dropped."""
         if not sock.poll(max(0, int(timeout_ms))):
             return None
+        return self._checked(lambda: wire.recv(sock))
+
+    def receive_routed(self, sock: zmq.Socket) -> tuple[bytes, wire.Message] | None:
+        """One message waiting on a ROUTER socket, with its sender; None if malformed (counted)."""
+        return self._checked(lambda: wire.recv_routed(sock, zmq.NOBLOCK))
+
+    def _checked(self, fn: Any) -> Any:  # noqa: ANN401
         try:
-            msg = wire.recv(sock)
+            out = fn()
         except wire.WireError as e:
             self.counters["bad_messages"] += 1
             self.log.warning("dropped malformed message", reason=str(e), count=self.counters["bad_messages"])
             return None
         self.last_input = time.monotonic()
-        return msg
+        return out
 
     def send_blocking(self, sock: zmq.Socket, kind: str, header: dict, arrays: list[np.ndarray]) -> bool:
         """Send, waiting while downstream is full (heartbeats go on). False if given up while stopping."""

@@ -2,8 +2,13 @@
 
 Collects whole frames' tiles into a batch until ``max_batch_tiles`` or ``max_wait_ms`` after the
 first queued frame (DeepStream's rule), runs one forward pass, stitches each frame's maps back
-into frame coordinates and sends one result per frame. Several workers may pull from the same tiles
-socket (this host over ``ipc://`` or others over ``tcp://``); results all go to the one alert stage.
+into frame coordinates and sends one result per frame. Several workers may take tiles from the same
+tiler (this host over ``ipc://`` or others over ``tcp://``); results all go to the one alert stage.
+
+The worker tells the tiler how many tiles it can take (``credit``: room for one batch beyond what it
+holds, and how many tiles it has received so far, so the tiler can account for tiles in flight).
+So at most the batch being computed and the next one wait here: latency stays bounded by about
+two batches however far behind the cameras are.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ class InferStage(Stage):
                  checkpoint: str, device: str = "auto", max_batch_tiles: int = 64, max_wait_ms: float = 50.0,
                  detector: Detector | None = None) -> None:
         super().__init__(name, control_endpoint)
-        self.inp = self.socket(zmq.PULL, tiles_endpoint, bind=False, hwm=1)
+        self.inp = self.socket(zmq.DEALER, tiles_endpoint, bind=False, hwm=8)
         self.out = self.socket(zmq.PUSH, results_endpoint, bind=False, hwm=4)
         self.max_tiles = max_batch_tiles
         self.max_wait_s = max_wait_ms / 1000.0
@@ -46,10 +51,22 @@ class InferStage(Stage):
         self.extra.update(ready=True, device=self.det.device, model=self.det.kind)
         self.pending: list[wire.Message] = []
         self.first_at = 0.0
+        self.received_tiles = 0
+        self.last_credit = 0.0
+        self._credit()
         self.log.info("inference worker ready", device=self.det.device, max_batch_tiles=self.max_tiles)
 
     def _pending_tiles(self) -> int:
         return sum(len(m["grid"]["coords"]) for m in self.pending)
+
+    def _credit(self) -> None:
+        """Tell the tiler our room (absolute) and how many tiles we have received."""
+        self.last_credit = time.monotonic()
+        room = 0 if self.stopping else max(0, self.max_tiles - self._pending_tiles())
+        try:
+            wire.send(self.inp, "credit", {"n": room, "received": self.received_tiles}, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def step(self) -> None:
         if self.pending:
@@ -70,11 +87,15 @@ class InferStage(Stage):
             if not self.pending:
                 self.first_at = time.monotonic()
             self.pending.append(msg)
+            self.received_tiles += len(msg["grid"]["coords"])
         if not self.pending:
+            if time.monotonic() - self.last_credit > 1.0:  # idle: repeat the credit (the tiler may be new)
+                self._credit()
             return
         full = self._pending_tiles() >= self.max_tiles
         if full or time.monotonic() - self.first_at >= self.max_wait_s or self.stopping:
             self._run_batch()
+        self._credit()
 
     def _run_batch(self) -> None:
         msgs, self.pending = self.pending, []

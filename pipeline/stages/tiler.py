@@ -2,17 +2,25 @@
 
 Receives frames from every capture process, cuts them with :class:`Preprocessor` (per camera, the
 camera's ROI applied), and sends each frame's tiles as one contiguous buffer plus the frame itself
-(for snapshots). It never drops: when the inference workers are busy it waits, and capture - the
-only place that drops - sees the back-pressure.
+(for snapshots) to an inference worker.
+
+Flow control is by credit on both sides (ROUTER sockets): inference workers tell how many tiles
+they can take (``credit`` messages, absolute), and a frame goes to the worker with the most room;
+a camera gets its next credit only once its previous frame has been handed on. So at most one
+frame per camera waits here, nothing is dropped here, and capture - the only place that drops -
+always sends its newest frame.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 
+import numpy as np
 import zmq
 
+from knitwatch.pipeline import wire
 from knitwatch.pipeline.preprocess import PreprocessConfig, Preprocessor
 from knitwatch.pipeline.stages.common import Stage
 
@@ -39,19 +47,54 @@ class TilerStage(Stage):
                  preprocess: dict, cameras: list[dict], scale: float | None = None,
                  refresh_frames: int = 50) -> None:
         super().__init__(name, control_endpoint)
-        self.inp = self.socket(zmq.PULL, frames_endpoint, bind=True, hwm=1)
-        self.out = self.socket(zmq.PUSH, tiles_endpoint, bind=True, hwm=1)
+        self.inp = self.socket(zmq.ROUTER, frames_endpoint, bind=True, hwm=8)
+        self.out = self.socket(zmq.ROUTER, tiles_endpoint, bind=True, hwm=8)
         self.pre = camera_preprocessors(preprocess, cameras, scale=scale, refresh_frames=refresh_frames)
+        self.poller = zmq.Poller()
+        self.poller.register(self.inp, zmq.POLLIN)
+        self.poller.register(self.out, zmq.POLLIN)
+        self.waiting: collections.deque[tuple[bytes, dict, np.ndarray, np.ndarray]] = collections.deque()
+        self.room: dict[bytes, int] = {}  # worker identity -> tiles it can take now
+        self.sent_tiles: collections.Counter[bytes] = collections.Counter()  # per worker, since it appeared
+        self.granted: dict[bytes, float] = {}  # capture identity -> when its outstanding credit was granted
+
+    def _grant(self, peer: bytes) -> None:
+        try:
+            wire.send_routed(self.inp, peer, "credit", {"n": 1}, flags=zmq.NOBLOCK)
+            self.granted[peer] = time.monotonic()
+        except zmq.ZMQError:  # the capture process is gone; it says hello again when it is back
+            self.granted.pop(peer, None)
 
     def step(self) -> None:
-        msg = self.receive(self.inp, 100)
-        if msg is None:
+        events = dict(self.poller.poll(100))
+        if self.out in events:
+            while self.out.poll(0):
+                got = self.receive_routed(self.out)
+                if got is not None and got[1].kind == "credit":
+                    worker, msg = got  # its room, less the tiles on their way to it
+                    in_flight = self.sent_tiles[worker] - int(msg.header.get("received", self.sent_tiles[worker]))
+                    self.room[worker] = int(msg["n"]) - max(0, in_flight)
+        if self.inp in events:
+            while self.inp.poll(0):
+                got = self.receive_routed(self.inp)
+                if got is not None:
+                    self._on_capture(*got)
+        self._dispatch()
+
+    def _on_capture(self, peer: bytes, msg: wire.Message) -> None:
+        if msg.kind == "credit":  # hello: a capture (re)started or lost its credit
+            self._grant(peer)
             return
+        if msg.kind != "frame":
+            self.counters["bad_messages"] += 1
+            return
+        self.granted.pop(peer, None)
         cam = msg["cam"]
         pre = self.pre.get(cam)
         if pre is None:
             self.counters["unknown_camera"] += 1
             self.log.warning("frame from an unknown camera dropped", camera=cam)
+            self._grant(peer)
             return
         frame = msg.arrays[0]
         try:
@@ -59,6 +102,7 @@ class TilerStage(Stage):
         except ValueError as e:
             self.counters["bad_frames"] += 1
             self.log.warning("frame cannot be tiled", camera=cam, seq=msg["seq"], error=str(e))
+            self._grant(peer)
             return
         header = {k: v for k, v in msg.header.items() if k not in ("v", "kind", "bufs")}
         header["t_tiled_ns"] = time.monotonic_ns()
@@ -66,8 +110,34 @@ class TilerStage(Stage):
         header["scale"] = pre.scale
         self.counters["frames"] += 1
         self.counters["tiles"] += len(grid)
-        if self.send_blocking(self.out, "tiles", header, [tiles, frame]):
+        self.waiting.append((peer, header, tiles, frame))
+
+    def _dispatch(self) -> None:
+        while self.waiting:
+            workers = [w for w, n in self.room.items() if n > 0]
+            if not workers:
+                break
+            worker = max(workers, key=self.room.__getitem__)
+            peer, header, tiles, frame = self.waiting[0]
+            try:
+                wire.send_routed(self.out, worker, "tiles", header, [tiles, frame], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:  # the worker is gone (or full): forget its credit, try another
+                del self.room[worker]
+                continue
+            self.waiting.popleft()
+            self.room[worker] -= len(tiles)
+            self.sent_tiles[worker] += len(tiles)
             self.counters["sent"] += 1
+            self._grant(peer)
+        self.extra["waiting_frames"] = len(self.waiting)
+        self.extra["workers"] = len(self.room)
+
+    def on_stop(self) -> None:
+        deadline = time.monotonic() + self.drain_max_s
+        while self.waiting and time.monotonic() < deadline:  # hand on what was already tiled
+            self.step()
+            self.heartbeat()
+        self.counters["lost_at_shutdown"] += len(self.waiting)
 
 
 def run(**kwargs: object) -> int:
