@@ -10,7 +10,7 @@ import numpy as np
 import zmq
 
 from knitwatch.pipeline import wire
-from knitwatch.pipeline.preprocess import PreprocessConfig, PreprocessParams, TileGrid
+from knitwatch.pipeline.preprocess import PreprocessConfig, PreprocessParams, TileGrid, preprocess
 from tests.stage_harness import GARBAGE, StageUnderTest
 
 CAM = {"id": "c", "roi": None, "pixel_threshold": None}
@@ -86,3 +86,89 @@ def test_alert_survives_garbage_and_decides(tmp_path: Path) -> None:
     assert [(r["seq"], r["defect"], r["confirmed"], r["event"]) for r in rows] == [
         (0, False, False, False), (1, True, False, False), (2, True, True, True), (3, True, True, False)]
     assert rows[2]["regions"][0]["bbox"] == [10, 10, 20, 20]
+
+
+def untrained_checkpoint(path: Path, tile: int = 48) -> Path:
+    """A real EfficientAD-S checkpoint with untrained weights and set thresholds (transport tests only)."""
+    import torch
+
+    from knitwatch.models.efficientad import EfficientAD, save_model
+
+    torch.manual_seed(0)
+    model = EfficientAD(size="s", tile_size=tile)
+    model.image_threshold.fill_(1e9)
+    model.pixel_threshold.fill_(1e9)
+    pre = PreprocessConfig(PreprocessParams(tile=tile, stride=tile)).to_dict()
+    return save_model(path, model, preprocess=pre, provenance={"id": "untrained"})
+
+
+def test_infer_survives_garbage_and_answers(tmp_path: Path) -> None:
+    ckpt = untrained_checkpoint(tmp_path / "u.ckpt")
+    tiler = zmq.Context.instance().socket(zmq.ROUTER)  # plays the tiler
+    tiler.bind(f"ipc://{tmp_path}/t.sock")
+    st = StageUnderTest(tmp_path, "knitwatch.pipeline.stages.infer", "infer.0",
+                        tiles_endpoint=f"ipc://{tmp_path}/t.sock", results_endpoint=f"ipc://{tmp_path}/r.sock",
+                        checkpoint=str(ckpt), device="cpu", max_batch_tiles=8, max_wait_ms=10)
+    st.sockets.append(tiler)
+    try:
+        results = st.socket(zmq.PULL, f"ipc://{tmp_path}/r.sock", bind=True)
+        assert tiler.poll(120000), "the worker never asked for tiles"
+        peer, credit = wire.recv_routed(tiler)
+        assert credit.kind == "credit" and credit["n"] == 8 and credit["received"] == 0
+        for parts in GARBAGE:
+            tiler.send_multipart([peer, *parts])
+        frame = np.random.default_rng(1).integers(0, 255, (48, 96), dtype=np.uint8)
+        tiles, grid = preprocess(frame, PreprocessParams(tile=48, stride=48))
+        bad_grid = {**grid.to_dict(), "coords": [[0, 0]]}  # says 1 tile, carries 2
+        head = {**frame_header(5), "grid": bad_grid}
+        wire.send_routed(tiler, peer, "tiles", head, [tiles, frame])
+        st.wait_stats(lambda s: s.get("bad_messages", 0) == len(GARBAGE) + 1)
+        wire.send_routed(tiler, peer, "tiles", {**frame_header(6), "grid": grid.to_dict()}, [tiles, frame])
+        assert results.poll(60000), "no result came out"
+        res = wire.recv(results)
+        assert res.kind == "result" and res["seq"] == 6 and len(res["tile_scores"]) == 2
+        assert res.arrays[0].shape == frame.shape and res.arrays[0].dtype == np.float32
+        np.testing.assert_array_equal(res.arrays[1], frame)
+        stats = st.wait_stats(lambda s: s.get("frames") == 1)
+        assert stats["bad_messages"] == len(GARBAGE) + 1 and stats["ready"]
+    finally:
+        assert st.stop() == 0
+
+
+def test_capture_survives_garbage_and_sends_against_credit(tmp_path: Path) -> None:
+    import cv2
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), np.full((32, 48), 40 * (i + 1), np.uint8))
+    tiler = zmq.Context.instance().socket(zmq.ROUTER)  # plays the tiler
+    tiler.bind(f"ipc://{tmp_path}/f.sock")
+    cam = {"id": "c", "source": "folder", "uri": str(folder), "fps": 20.0, "loop": True}
+    st = StageUnderTest(tmp_path, "knitwatch.pipeline.stages.capture", "capture.c", camera=cam,
+                        frames_endpoint=f"ipc://{tmp_path}/f.sock")
+    st.sockets.append(tiler)
+    try:
+        assert tiler.poll(30000)
+        peer, hello = wire.recv_routed(tiler)
+        assert hello.kind == "credit" and hello["n"] == 0  # no frame without a credit
+        for parts in GARBAGE:
+            tiler.send_multipart([peer, *parts])
+        st.wait_stats(lambda s: s.get("bad_messages", 0) == len(GARBAGE) and s.get("dropped", 0) >= 5)
+        wire.send_routed(tiler, peer, "credit", {"n": 1})
+        got = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not got:
+            if tiler.poll(500):
+                _, msg = wire.recv_routed(tiler)
+                if msg.kind == "frame":
+                    got.append(msg)
+        assert got and got[0]["cam"] == "c" and got[0].arrays[0].shape == (32, 48)
+        deadline = time.monotonic() + 0.7
+        while time.monotonic() < deadline:  # one credit, one frame: hellos only from now on
+            if tiler.poll(100):
+                assert wire.recv_routed(tiler)[1].kind == "credit"
+        stats = st.wait_stats(lambda s: s.get("sent") == 1)
+        assert stats["captured"] - stats["sent"] - stats["dropped"] in (0, 1)  # at most the newest one waits
+    finally:
+        assert st.stop() == 0
