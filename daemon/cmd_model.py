@@ -224,8 +224,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import cv2
 
     from knitwatch.pipeline.dataset import DatasetError, read_image
-    from knitwatch.pipeline.decision import find_regions
-    from knitwatch.pipeline.evaluate import ImageScorer, image_score
+    from knitwatch.pipeline.decision import find_regions, frame_score
+    from knitwatch.pipeline.evaluate import ImageScorer
     from knitwatch.pipeline.overlay import render_overlay
 
     det = _load_detector(args.checkpoint, args.device)
@@ -241,7 +241,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             failed += 1
             continue
         amap, valid, grid, ts = scorer.score(img)
-        score = image_score(ts, grid)
+        score = frame_score(ts, grid.valid)
         d = find_regions(np.where(valid, amap, 0), pixel_threshold=det.pixel_threshold,
                          image_threshold=det.image_threshold, min_area_px=args.min_area)
         overlay = render_overlay(img, amap, d.regions, d.mask, pixel_threshold=det.pixel_threshold,

@@ -14,6 +14,12 @@ import cv2
 import numpy as np
 
 
+def frame_score(tile_scores: np.ndarray, valid: np.ndarray) -> float:
+    """A frame's (or image's) score: the max over its fabric tiles; over all tiles when none is fabric."""
+    sel = tile_scores[valid] if valid.any() else tile_scores
+    return float(sel.max()) if sel.size else 0.0
+
+
 @dataclass
 class Region:
     bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from knitwatch.models import metrics
 from knitwatch.pipeline.dataset import DatasetError, discover_images, load_manifest, read_image, read_mask
+from knitwatch.pipeline.decision import frame_score
 from knitwatch.pipeline.detector import Detector
 from knitwatch.pipeline.preprocess import PreprocessConfig, Preprocessor, TileGrid, stitch
 
@@ -94,11 +95,6 @@ class ImageScorer:
         return amap, valid, grid, tile_scores
 
 
-def image_score(tile_scores: np.ndarray, grid: TileGrid) -> float:
-    sel = tile_scores[grid.valid] if grid.valid.any() else tile_scores
-    return float(sel.max()) if sel.size else 0.0
-
-
 def tile_defect_pixels(mask: np.ndarray, grid: TileGrid) -> np.ndarray:
     """Defect pixels per tile, counted in original-image pixels under each tile's footprint."""
     x0, y0, x1, y1 = grid.roi
@@ -126,7 +122,7 @@ def score_folder(det: Detector, data: Path, *, split: str | None = "test", progr
         amap, valid, grid, ts = scorer.score(img)
         if mask is None and src.label != "good":
             log.warning("defective image without a mask: left out of pixel metrics", image=str(src.path))
-        res = ImageResult(str(src.path), src.label, image_score(ts, grid), amap, valid, mask, grid, ts)
+        res = ImageResult(str(src.path), src.label, frame_score(ts, grid.valid), amap, valid, mask, grid, ts)
         if mask is not None:
             res.tile_defect_px = tile_defect_pixels(mask, grid)
         results.append(res)

@@ -20,17 +20,12 @@ import numpy as np
 import zmq
 
 from knitwatch.pipeline import wire
+from knitwatch.pipeline.decision import frame_score
 from knitwatch.pipeline.detector import Detector, load_detector
 from knitwatch.pipeline.preprocess import TileGrid, stitch
 from knitwatch.pipeline.stages.common import Stage, percentiles
 
 _BATCH_BINS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
-
-
-def frame_scores(tile_scores: np.ndarray, grid: TileGrid) -> float:
-    """A frame's image score: the max over its fabric tiles (blank tiles only when there is nothing else)."""
-    valid = tile_scores[grid.valid] if grid.valid.any() else tile_scores
-    return float(valid.max()) if valid.size else 0.0
 
 
 class InferStage(Stage):
@@ -115,7 +110,7 @@ class InferStage(Stage):
             frame_map = stitch(maps[start : start + k], grid)
             header = {k2: v for k2, v in m.header.items() if k2 not in ("v", "kind", "bufs", "grid")}
             header.update(
-                image_score=frame_scores(scores[start : start + k], grid),
+                image_score=frame_score(scores[start : start + k], grid.valid),
                 tile_scores=[float(s) for s in scores[start : start + k]],
                 t_infer_ns=time.monotonic_ns(),
                 model_ms=model_ms,
