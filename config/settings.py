@@ -246,15 +246,24 @@ class StoreConfig(Section):
 
 
 class ApiConfig(Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=1, le=65535)
-    token: str | None = None
-    token_file: Path | None = None
+    """The HTTP API and web gallery served by the daemon (``/``, ``/api/...``, ``/healthz``, ``/metrics``).
+
+    Loopback only by default. Any other address requires a token: clients send it as
+    ``Authorization: Bearer <token>`` on ``/api/...`` and ``/metrics``; a token set while binding
+    loopback is required all the same. ``/healthz`` and the page's static files need none."""
+
+    enabled: bool = Field(True, description="serve the API and the web page")
+    host: str = Field("127.0.0.1", description="address to bind; not loopback requires token or token_file")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port, logged at start)")
+    token: str | None = Field(None, description="Bearer token (use a long random one: openssl rand -hex 32)")
+    token_file: Path | None = Field(None, description="file holding the token (first line), e.g. a systemd credential")
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> ApiConfig:
         if not _is_loopback(self.host) and not (self.token or self.token_file):
             raise ValueError(f"binding {self.host!r} (not loopback) requires 'token' or 'token_file'")
+        if self.token and self.token_file:
+            raise ValueError("set 'token' or 'token_file', not both")
         return self
 
 

@@ -285,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="wait up to S seconds for the daemon to apply it (0: do not wait; default 5)")
     ack.set_defaults(func=cmd_ack)
 
-    from knitwatch.daemon import bench, cmd_dataset, cmd_demo, cmd_model
+    from knitwatch.daemon import bench, cmd_dataset, cmd_demo, cmd_model, cmd_ops
 
-    for module in (cmd_demo, cmd_dataset, cmd_model, bench):
+    for module in (cmd_demo, cmd_dataset, cmd_model, bench, cmd_ops):
         module.register(sub)
     return parser
 

@@ -5,6 +5,10 @@ Start order: alert, tiler, inference workers; the cameras start once every worke
 warmed up its model (then ``READY=1``), so no frame is captured that nobody can inspect. Shutdown
 order (SIGTERM/SIGINT): capture, tiler, infer, alert - each stage drains what is in flight within
 ``drain_s`` before the next one is asked to stop; what does not stop in time is killed.
+
+The HTTP API and web page (:mod:`knitwatch.daemon.api`) run in a thread of this process: they read
+the stats snapshot and the health computed by the main loop (never the processes themselves) and the
+store; the main loop stays the only one that touches the stage processes.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import zmq
 
 from knitwatch.config import Settings
 from knitwatch.daemon.logs import setup_logging
+from knitwatch.daemon.telemetry import GpuTelemetry, gpu_stats
 from knitwatch.pipeline import wire
 
 log = structlog.get_logger(__name__)
@@ -123,6 +128,9 @@ class Supervisor:
         self.ready_at: float | None = None
         self.started = time.monotonic()
         self.snapshot: dict[str, Any] = {}
+        self._health: dict[str, Any] = {"healthy": False, "ready": False, "stopping": False, "stages": {}}
+        self.gpu = GpuTelemetry()
+        self.api: Any = None  # knitwatch.daemon.api.ApiServer while serving
         self._totals: dict[tuple[str, str], Counter] = collections.defaultdict(Counter)
         self._window: collections.deque = collections.deque(maxlen=12)  # (t, {cam: (captured, inspected)})
 
@@ -222,6 +230,29 @@ class Supervisor:
             for sp in self.procs.values()
         )
 
+    def _update_health(self) -> None:
+        """Per-stage health for the API (computed here, in the main loop, so that no other thread
+        ever polls the stage processes)."""
+        now = time.monotonic()
+        stages = {}
+        for name, sp in self.procs.items():
+            alive = self._alive(sp)
+            ready = bool(sp.stats.get("ready", True))
+            age = now - sp.last_beat if sp.process is not None else None
+            ok = alive and sp.restart_at is None and age is not None and age <= self.settings.daemon.stall_s and ready
+            stages[name] = {"healthy": ok, "alive": alive, "ready": ready, "restarting": sp.restart_at is not None,
+                            "last_heartbeat_s": None if age is None else round(age, 2),
+                            "restarts": sp.restart_count}
+        self._health = {"healthy": all(s["healthy"] for s in stages.values()) and self.stop_signal is None,
+                        "ready": self.ready, "stopping": self.stop_signal is not None, "stages": stages}
+
+    # the API's view of the daemon (read from the API's thread)
+    def stats_snapshot(self) -> dict[str, Any]:
+        return self.snapshot
+
+    def health(self) -> dict[str, Any]:
+        return self._health
+
     # ------------------------------------------------------------------ statistics
     def _collect(self, ctl: zmq.Socket, timeout_ms: int) -> None:
         deadline = time.monotonic() + timeout_ms / 1000
@@ -257,6 +288,7 @@ class Supervisor:
             if sp.spec.layer == "alert":
                 for cam, cs in st.get("cameras", {}).items():
                     inspected[cam] = self._totals[(f"alert/{cam}", "inspected")].update(int(cs["inspected"]))
+                    self._totals[(f"alert/{cam}", "events")].update(int(cs.get("events", 0)))
         self._window.append((now, {c: (captured.get(c, 0), inspected.get(c, 0)) for c in captured}))
         cameras = {}
         t0, first = self._window[0]
@@ -273,23 +305,31 @@ class Supervisor:
                 "fps": round(dcap / (now - t0), 2) if now > t0 else None,
                 "coverage": None if coverage is None else round(coverage, 4),
                 "latency_ms": alert_cam.get("latency_ms", {}),
-                "events": alert_cam.get("events", 0),
+                "events": self._totals[(f"alert/{cam}", "events")].update(int(alert_cam.get("events", 0))),
                 "inspected_s": round(now - self.ready_at, 3) if self.ready_at is not None else None,
             }
         model_ms = [s.get("model_ms", {}).get("p50") for n, s in stages.items() if n.startswith("infer")]
-        return {
+        out = {
             "uptime_s": round(now - self.started, 1),
             "ready": self.ready,
             "healthy": self.healthy(),
             "cameras": cameras,
             "stages": stages,
             "model_ms_p50": [m for m in model_ms if m is not None],
+            "stats_time": time.time(),
         }
+        gpu = gpu_stats(self.gpu, stages, {sp.pid for sp in self.procs.values() if sp.pid is not None})
+        if gpu is not None:  # absent, not an error, on a host without a GPU
+            out["gpu"] = gpu
+        if self.api is not None:
+            out["api"] = {"url": self.api.url}
+        return out
 
     def _report(self) -> None:
         self.snapshot = self._stats()
+        extra = {"gpu": self.snapshot["gpu"]} if "gpu" in self.snapshot else {}
         log.info("stats", cameras=self.snapshot["cameras"], healthy=self.snapshot["healthy"],
-                 restarts={n: sp.restart_count for n, sp in self.procs.items() if sp.restart_count})
+                 restarts={n: sp.restart_count for n, sp in self.procs.items() if sp.restart_count}, **extra)
         for cam, c in self.snapshot["cameras"].items():
             if c["coverage"] is not None and c["coverage"] < self.settings.daemon.coverage_warn:
                 log.warning("inspection coverage is low: defects may pass uninspected", camera=cam,
@@ -298,6 +338,27 @@ class Supervisor:
     # ------------------------------------------------------------------ run
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.stop_signal = signum
+
+    def _start_api(self) -> None:
+        """Serve the HTTP API and web page (``[api]``). A failure is loud but never stops inspection; an
+        unreadable token file means no API at all (never an unprotected one)."""
+        if not self.settings.api.enabled:
+            return
+        try:
+            from knitwatch.daemon.api import ApiError, start_api
+        except ImportError as e:
+            log.error("HTTP API not started: a package is missing", error=str(e))
+            return
+        try:
+            self.api = start_api(self.settings, self)
+        except ApiError as e:
+            log.error("HTTP API not started (inspection goes on without it)", error=str(e))
+            self.api = None
+
+    def _stop_api(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
 
     def run(self, duration_s: float | None = None) -> int:
         """Run until SIGTERM/SIGINT or ``duration_s`` (exit 0), or until a stage fails too often (exit 1)."""
@@ -309,6 +370,8 @@ class Supervisor:
         ctl.bind(self.endpoints["control"])
         code = 0
         try:
+            self.snapshot = {"uptime_s": 0.0, "ready": False, "healthy": False, "cameras": {}, "stages": {}}
+            self._start_api()
             for sp in self.procs.values():
                 if sp.spec.layer != "capture":
                     self._start(sp)
@@ -331,6 +394,7 @@ class Supervisor:
                     log.info("daemon ready", cameras=[c.id for c in self.settings.cameras],
                              run_dir=str(self.run_dir))
                 self._watch()
+                self._update_health()
                 now = time.monotonic()
                 if watchdog_s and now - last_dog >= watchdog_s and self.healthy():
                     sd_notify("WATCHDOG=1")
@@ -344,7 +408,11 @@ class Supervisor:
             code = 1
         finally:
             sd_notify("STOPPING=1")
+            self._update_health()
             self.shutdown(ctl)
+            self._update_health()
+            self._stop_api()
+            self.gpu.close()
             ctl.close()
             zctx.term()
             if self._tmp is not None:

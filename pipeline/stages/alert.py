@@ -143,9 +143,12 @@ class AlertStage(Stage):
         self.inp = self.socket(zmq.PULL, results_endpoint, bind=True, hwm=4)
         self.cfg = AlertConfig.model_validate(alert).model_dump(mode="json")
         self.classes = [SeverityClass.from_dict(c) for c in self.cfg["severity"]]
-        self.image_threshold = float(alert.get("image_threshold") or thresholds["image"])
-        default_pixel = alert.get("pixel_threshold") or thresholds.get("pixel", thresholds["image"])
-        self.pixel_threshold = {c["id"]: float(c.get("pixel_threshold") or default_pixel) for c in cameras}
+        def first_set(*values: float | None) -> float:  # an override of 0.0 is still an override
+            return float(next(v for v in values if v is not None))
+
+        self.image_threshold = first_set(alert.get("image_threshold"), thresholds["image"])
+        default_pixel = first_set(alert.get("pixel_threshold"), thresholds.get("pixel"), thresholds["image"])
+        self.pixel_threshold = {c["id"]: first_set(c.get("pixel_threshold"), default_pixel) for c in cameras}
         self.cams: dict[str, CameraState] = {}
         self.decisions = Path(decisions_path).open("a", encoding="utf-8") if decisions_path else None
         self.model = dict(model or {})

@@ -17,6 +17,7 @@ import collections
 import time
 
 import numpy as np
+import torch
 import zmq
 
 from knitwatch.pipeline import wire
@@ -125,6 +126,8 @@ class InferStage(Stage):
         s = super().stats()
         s["model_ms"] = percentiles(list(self.model_ms))
         s["batch_tiles_hist"] = {str(k): v for k, v in sorted(self.batch_hist.items())}
+        if str(self.det.device).startswith("cuda"):
+            s["cuda_memory_allocated_bytes"] = int(torch.cuda.memory_allocated(self.det.device))
         return s
 
     def on_stop(self) -> None:

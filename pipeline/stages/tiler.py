@@ -82,8 +82,9 @@ class TilerStage(Stage):
         self._dispatch()
 
     def _on_capture(self, peer: bytes, msg: wire.Message) -> None:
-        if msg.kind == "credit":  # hello: a capture (re)started or lost its credit
-            self._grant(peer)
+        if msg.kind == "credit":  # hello: a capture (re)started or lost its credit ...
+            if not any(w[0] == peer for w in self.waiting):  # ... unless its last frame still waits here
+                self._grant(peer)
             return
         if msg.kind != "frame":
             self.counters["bad_messages"] += 1
