@@ -126,8 +126,9 @@ class InferStage(Stage):
         s = super().stats()
         s["model_ms"] = percentiles(list(self.model_ms))
         s["batch_tiles_hist"] = {str(k): v for k, v in sorted(self.batch_hist.items())}
-        if str(self.det.device).startswith("cuda"):
-            s["cuda_memory_allocated_bytes"] = int(torch.cuda.memory_allocated(self.det.device))
+        det = getattr(self, "det", None)  # None while the model loads (the first heartbeat)
+        if det is not None and str(det.device).startswith("cuda"):
+            s["cuda_memory_allocated_bytes"] = int(torch.cuda.memory_allocated(det.device))
         return s
 
     def on_stop(self) -> None:
