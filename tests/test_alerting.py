@@ -73,11 +73,8 @@ def test_confirmed_defect_stops_the_machine_and_ack_resets_it(tmp_path: Path) ->
         a.send(1, True)  # one defective frame: not confirmed (2 of 3 needed)
         a.stats(lambda s: s.get("inspected") == 2)
         assert not plc.coil(0)
-        t_send = time.monotonic()
-        a.send(2, True)
-        wait_for(lambda: plc.coil(0), timeout=5, interval=0.0005)
-        result_to_coil_ms = (time.monotonic() - t_send) * 1000
-        assert result_to_coil_ms < 500, result_to_coil_ms
+        a.send(2, True)  # the second defective frame of three: confirmed, the stop lands (its latency is benchmarked)
+        wait_for(lambda: plc.coil(0), timeout=10, interval=0.0005)
         s = a.stats(lambda s: s["actions"]["latched"] and s["actions"]["pending"] == 0)
         assert s["cameras"]["c"]["events"] == 1 and s["actions"]["failures"] == 0
 
