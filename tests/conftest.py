@@ -21,3 +21,16 @@ def _clean_knitwatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def needs_aitex(fabric: str = "") -> pytest.MarkDecorator:
     path = AITEX / fabric if fabric else AITEX
     return pytest.mark.skipif(not path.is_dir(), reason=f"real fabric data not present at {path}")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> None:
+    """A test that ran the CLI in-process configured structlog with pytest's captured stderr, which
+    is closed after that test: give every test the default configuration back."""
+    import logging
+
+    import structlog
+
+    yield
+    structlog.reset_defaults()
+    logging.getLogger().handlers[:] = []

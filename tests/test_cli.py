@@ -21,7 +21,7 @@ def knitwatch(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
         capture_output=True,
         text=True,
         env=full_env,
-        timeout=120,
+        timeout=900,
     )
 
 
