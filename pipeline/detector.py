@@ -1,8 +1,22 @@
 """A loaded model as the pipeline sees it: tiles in, maps and scores out, plus its thresholds and
-preprocessing - everything from one checkpoint file."""
+preprocessing - everything from one checkpoint file.
+
+Two backends run the model (``[inference] backend``):
+
+* ``torch`` (default): the checkpoint's PyTorch module (`knitwatch.models`), GPU when there is one;
+* ``onnxruntime``: the model exported to ONNX (`knitwatch.models.export`: normalisation inside the
+  graph, maps and scores as outputs) and run by ONNX Runtime, for CPU hosts. The graph is taken from
+  ``CKPT`` with the suffix ``.onnx`` next to the checkpoint (``knitwatch export CKPT --format onnx``
+  writes it there) when it was made from this very checkpoint (the SHA-256 of the checkpoint file is
+  stored in the graph's metadata); otherwise from the export cache (`onnx_cache_dir`), and when it is
+  not there either, the checkpoint is exported on the fly into the cache (about 5-30 s on a CPU, once
+  per checkpoint) - the checkpoint's folder is never written to. Thresholds and preprocessing always
+  come from the checkpoint, whatever the backend.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +28,8 @@ import torch
 from knitwatch.models.checkpoint import build_model, load_checkpoint
 
 log = structlog.get_logger(__name__)
+
+BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
 
 
 def resolve_device(device: str) -> str:
@@ -27,13 +43,14 @@ def resolve_device(device: str) -> str:
 
 @dataclass
 class Detector:
-    model: Any  # an nn.Module with predict(tiles) -> (maps, scores)
+    model: Any  # an nn.Module or OnnxTileModel with predict(tiles) -> (maps, scores)
     kind: str
     preprocess: dict
     thresholds: dict
     checkpoint_id: str
     device: str
     info: dict = field(default_factory=dict)
+    backend: str = "torch"
 
     @property
     def image_threshold(self) -> float:
@@ -54,10 +71,153 @@ class Detector:
         self.predict(np.full(shape, 128, np.uint8))
 
 
-def load_detector(path: str | Path, device: str = "auto") -> Detector:
+# ---------------------------------------------------------------------------------------------- ONNX Runtime
+
+
+def _onnxruntime() -> Any:  # noqa: ANN401 - the module
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeError("backend 'onnxruntime' needs the onnxruntime package: "
+                           "pip install 'knitwatch[onnx]'") from exc
+    return onnxruntime
+
+
+class OnnxTileModel:
+    """An exported knitwatch graph run by ONNX Runtime, with the ``predict`` of the torch models.
+
+    ``device``: 'cpu' (CPUExecutionProvider) or 'cuda' (CUDAExecutionProvider, from the onnxruntime-gpu
+    package). ``threads``: intra-op threads (0: ONNX Runtime's default, one per physical core).
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0) -> None:
+        from knitwatch.models.export import INPUT_NAME, OUTPUT_NAMES
+
+        ort = _onnxruntime()
+        self.path = Path(path)
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError("backend 'onnxruntime' on 'cuda' needs the onnxruntime-gpu package "
+                                   "(CUDAExecutionProvider); use device 'cpu' or backend 'torch'")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        elif device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise ValueError(f"device must be 'cpu' or 'cuda' for onnxruntime, got {device!r}")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3  # errors only: its warnings bypass our logging
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise RuntimeError(f"{self.path}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from exc
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = {k[len("knitwatch."):]: v for k, v in meta.items() if k.startswith("knitwatch.")}
+        inp = self.session.get_inputs()
+        outs = [o.name for o in self.session.get_outputs()]
+        if len(inp) != 1 or inp[0].name != INPUT_NAME or outs[:2] != list(OUTPUT_NAMES):
+            raise RuntimeError(f"{self.path}: not a knitwatch export (inputs {[i.name for i in inp]}, outputs {outs})")
+        self._input, self._outputs = INPUT_NAME, list(OUTPUT_NAMES)
+        self._dtype = np.float32 if inp[0].type == "tensor(float)" else np.uint8
+        shape = inp[0].shape
+        self.tile_size = int(shape[1]) if isinstance(shape[1], int) else int(self.metadata.get("tile", 0))
+        self.grayscale = len(shape) == 3
+        self.device = device
+
+    @property
+    def checkpoint_sha256(self) -> str | None:
+        return self.metadata.get("checkpoint_sha256")
+
+    def predict(self, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 tiles (N,T,T) (gray) or (N,T,T,3) (colour) -> maps float32 (N,T,T), scores float32 (N,)."""
+        x = np.asarray(tiles)
+        if self.grayscale and x.ndim == 4 and x.shape[-1] == 1:
+            x = x[..., 0]
+        n = x.shape[0] if x.ndim else 0
+        if n == 0:
+            t = self.tile_size
+            return np.zeros((0, t, t), np.float32), np.zeros((0,), np.float32)
+        want = 3 if self.grayscale else 4
+        if x.ndim != want or x.shape[1] != self.tile_size or x.shape[2] != self.tile_size:
+            layout = "(N,T,T)" if self.grayscale else "(N,T,T,3)"
+            raise ValueError(f"tiles must be {layout} with T={self.tile_size}; got shape {x.shape}")
+        maps, scores = self.session.run(self._outputs, {self._input: np.ascontiguousarray(x, dtype=self._dtype)})
+        return maps, scores
+
+
+def onnx_cache_dir() -> Path:
+    """Where on-the-fly exports are kept: ``$CACHE_DIRECTORY`` (systemd's CacheDirectory=), else
+    ``$XDG_CACHE_HOME/knitwatch``, else ``~/.cache/knitwatch``; plus ``/onnx``."""
+    systemd = os.environ.get("CACHE_DIRECTORY")
+    if systemd:
+        return Path(systemd.split(":")[0]) / "onnx"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "knitwatch" / "onnx"
+
+
+def _current_session(path: Path, sha: str, device: str) -> OnnxTileModel | None:
+    if not path.is_file():
+        return None
+    try:
+        model = OnnxTileModel(path, device)
+    except RuntimeError as e:
+        log.warning("onnx file unusable, ignoring it", path=str(path), reason=str(e))
+        return None
+    if model.checkpoint_sha256 != sha:
+        log.warning("onnx file was not exported from this checkpoint, ignoring it (re-run knitwatch export)",
+                    path=str(path), onnx_checkpoint_sha256=model.checkpoint_sha256, checkpoint_sha256=sha)
+        return None
+    return model
+
+
+def load_onnx_model(checkpoint: str | Path, device: str = "cpu", cache_dir: str | Path | None = None) -> OnnxTileModel:
+    """The ONNX Runtime model of a checkpoint: next to it, in the cache, or exported into the cache now."""
+    from knitwatch.models.export import checkpoint_sha256, default_onnx_path, export_checkpoint
+
+    ckpt = Path(checkpoint)
+    sha = checkpoint_sha256(ckpt)
+    model = _current_session(default_onnx_path(ckpt), sha, device)
+    if model is not None:
+        return model
+    cached = Path(cache_dir) if cache_dir is not None else onnx_cache_dir()
+    cached = cached / f"{ckpt.stem}-{sha[:16]}.onnx"
+    model = _current_session(cached, sha, device)
+    if model is not None:
+        return model
+    log.info("exporting the checkpoint to ONNX for onnxruntime (once; 'knitwatch export' does it ahead)",
+             checkpoint=str(ckpt), cache=str(cached))
+    try:
+        export_checkpoint(ckpt, cached, check=False, sha256=sha)
+    except OSError as e:
+        raise RuntimeError(f"cannot write the ONNX export to {cached} ({e}); run 'knitwatch export {ckpt} "
+                           "--format onnx' to put it next to the checkpoint") from e
+    return OnnxTileModel(cached, device)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_detector(path: str | Path, device: str = "auto", backend: str = "torch") -> Detector:
+    """The detector of a checkpoint on ``device`` ('auto', 'cpu', 'cuda') with ``backend`` (`BACKENDS`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     ckpt = load_checkpoint(path)
-    dev = resolve_device(device)
-    model = build_model(ckpt).to(dev).eval()
+    info: dict[str, Any] = {"path": str(path), "backend": backend}
+    if backend == "onnxruntime":
+        ort = _onnxruntime()
+        if device == "auto":
+            gpu = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+            dev = "cuda" if gpu else "cpu"
+        else:
+            dev = resolve_device(device)
+        model: Any = load_onnx_model(path, dev)
+        info["onnx"] = str(model.path)
+    else:
+        dev = resolve_device(device)
+        model = build_model(ckpt).to(dev).eval()
     det = Detector(
         model=model,
         kind=ckpt.kind,
@@ -65,7 +225,9 @@ def load_detector(path: str | Path, device: str = "auto") -> Detector:
         thresholds=ckpt.thresholds,
         checkpoint_id=str(ckpt.provenance.get("id", Path(path).name)),
         device=dev,
-        info={"path": str(path)},
+        info=info,
+        backend=backend,
     )
-    log.info("model loaded", path=str(path), kind=ckpt.kind, device=dev, thresholds=ckpt.thresholds)
+    log.info("model loaded", path=str(path), kind=ckpt.kind, device=dev, backend=backend,
+             thresholds=ckpt.thresholds, **({"onnx": info["onnx"]} if "onnx" in info else {}))
     return det

@@ -1,0 +1,109 @@
+"""``knitwatch bench accuracy``: the extra metrics on hand-made maps, the parser, and the --quick run end
+to end on a tiny simulated dataset (real fabric data absent)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from knitwatch.daemon import bench_accuracy as ba
+
+
+def _result(label: str, amap: np.ndarray, mask: np.ndarray | None, valid: np.ndarray | None = None):
+    valid = np.ones(amap.shape, bool) if valid is None else valid
+    return SimpleNamespace(label=label, path=f"/x/{label}.png", amap=amap, valid=valid, mask=mask)
+
+
+def test_extra_metrics_cells_and_sizes():
+    h, w = 64, 256
+    amap = np.zeros((h, w), np.float32)
+    mask = np.zeros((h, w), bool)
+    mask[10:20, 10:20] = True  # small region (100 px) in cell 0, found: the map peaks there
+    amap[10:20, 10:20] = 5.0
+    mask[0:40, 130:160] = True  # large region (1200 px) in cell 2, missed: the map is flat there
+    amap += np.linspace(0, 1, w, dtype=np.float32)[None]  # normal pixels rise to the right
+    valid = np.ones((h, w), bool)
+    valid[:, 200:] = False  # most of the last cell is padding: that cell is left out
+    bad = _result("hole", amap, mask, valid)
+    good = _result("good", np.full((h, w), 9.0, np.float32), None)  # good images do not enter these metrics
+    m = ba.extra_metrics([good, bad], cell=64, small_px=500, region_fpr=0.01)
+    # cells: 0 (defect, max 5.04), 1 (normal, max 0.50), 2 (defect, max 0.75), 3 (mostly padding: out)
+    assert m["cells_positive"] == 2 and m["cells_negative"] == 1
+    assert m["cell_auroc_in_defective"] == pytest.approx(1.0)
+    assert m["regions_small"] == 1 and m["regions_large"] == 1
+    assert m["recall_small"] == 1.0 and m["recall_large"] == 0.0
+    assert m["pixel_auroc_in_defective_small"] == pytest.approx(1.0)
+    assert m["pixel_auroc_in_defective_large"] < 0.8
+    small = next(r for r in m["regions"] if r["size"] == "small")
+    assert small["area"] == 100 and small["detected"] and small["peak_percentile"] == 1.0
+    json.dumps(ba._jsonable(m))  # JSON-ready
+
+
+def test_cell_scores_partial_cells():
+    amap = np.arange(6 * 10, dtype=np.float32).reshape(6, 10)
+    s, d = ba.cell_scores(amap, np.ones_like(amap, bool), np.zeros_like(amap, bool), cell=4)
+    assert s.tolist() == [33.0, 37.0, 39.0, 53.0, 57.0, 59.0]  # 2 x 3 cells, the last ones partial
+    assert d.tolist() == [0] * 6
+
+
+def test_parser_and_settings():
+    parser = argparse.ArgumentParser()
+    bsub = parser.add_subparsers(dest="bench_command")
+    ba.register_accuracy(bsub)
+    args = parser.parse_args(["accuracy", "--quick", "--models", "patchcore,efficientad-s", "--steps", "7",
+                              "--fabrics", "fabric00,fabric05", "--no-sim"])
+    assert args.func is ba.cmd_bench_accuracy
+    assert args.models == ["patchcore", "efficientad-s"] and args.fabrics == ["fabric00", "fabric05"]
+    assert args.sim is False
+    s = ba.settings_from_args(args)
+    assert s.efficientad_steps == 7 and s.msflow_meta_epochs == ba.QUICK.msflow_meta_epochs
+    assert not s.isolate_eval
+    full = ba.settings_from_args(parser.parse_args(["accuracy"]))
+    assert full == ba.BenchSettings() and full.isolate_eval
+    assert any("GPU" in line for line in full.describe())
+    with pytest.raises(ValueError, match="unknown model"):
+        ba.check_models(["efficientad-x"])
+
+
+def _quick(tmp_path, models: list[str]) -> int:
+    from knitwatch.models.efficientad import random_teacher
+
+    teacher = tmp_path / "teacher.pth"
+    torch.save(random_teacher("s", seed=0).state_dict, teacher)  # no distillation: keeps the test short
+    return ba.main(["--quick", "--models", ",".join(models), "--teacher", str(teacher), "--out",
+                    str(tmp_path / "bench"), "--aitex", str(tmp_path / "absent"), "--fabrics", "fabric00",
+                    "--json", str(tmp_path / "r.json"), "--quiet", "--log-level", "WARNING"])
+
+
+def test_quick_run_patchcore(tmp_path, capsys):
+    assert _quick(tmp_path, ["patchcore"]) == 0
+    text = capsys.readouterr().out
+    assert f"{ba.SIM_NAME:10s} patchcore" in text and "By defect size" in text
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert list(res["datasets"]) == [ba.SIM_NAME]  # the real fabrics were absent: skipped cleanly
+    assert isinstance(res["datasets"][ba.SIM_NAME]["models"]["patchcore"]["metrics"]["pixel_auroc"], float)
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = _quick(tmp_path, ["efficientad-s", "msflow-efficientnet-lite0", "patchcore"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "knitwatch bench accuracy" in text and "GPU" in text
+    for m in ("efficientad-s", "msflow-efficientnet-lite0", "patchcore"):
+        assert f"{ba.SIM_NAME:10s} {m}" in text
+    assert "By defect size" in text
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res == json.loads((out / "results.json").read_text())
+    assert list(res["datasets"]) == [ba.SIM_NAME]  # the real fabrics were absent: skipped cleanly
+    for m in res["models"]:
+        met = res["datasets"][ba.SIM_NAME]["models"][m]["metrics"]
+        for key in ("image_auroc", "pixel_auroc", "pixel_auroc_in_defective", "tiles_per_s", "peak_rss_mb_infer"):
+            assert isinstance(met[key], float), (m, key)
+    assert (out / "checkpoints" / f"{ba.SIM_NAME}-patchcore.ckpt").is_file()
