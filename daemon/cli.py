@@ -206,7 +206,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return infer.run(name=f"worker.{args.name}", control_endpoint=args.control or "ipc:///nonexistent-knitwatch",
                      tiles_endpoint=tiles, results_endpoint=results, checkpoint=ckpt["path"],
                      device=settings.inference.device, max_batch_tiles=settings.inference.max_batch_tiles,
-                     max_wait_ms=settings.inference.max_wait_ms)
+                     max_wait_ms=settings.inference.max_wait_ms, backend=settings.inference.backend)
 
 
 # ---------------------------------------------------------------- parser
@@ -285,9 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="wait up to S seconds for the daemon to apply it (0: do not wait; default 5)")
     ack.set_defaults(func=cmd_ack)
 
-    from knitwatch.daemon import bench, cmd_dataset, cmd_demo, cmd_model, cmd_ops
+    from knitwatch.daemon import bench, cmd_dataset, cmd_demo, cmd_export, cmd_model, cmd_ops
 
-    for module in (cmd_demo, cmd_dataset, cmd_model, bench, cmd_ops):
+    for module in (cmd_demo, cmd_dataset, cmd_model, cmd_export, bench, cmd_ops):
         module.register(sub)
     return parser
 

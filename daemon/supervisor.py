@@ -165,7 +165,7 @@ class Supervisor:
             out.append(StageSpec(f"infer.{i}", "infer", "knitwatch.pipeline.stages.infer", {
                 "tiles_endpoint": ep["tiles"], "results_endpoint": ep["results"], "checkpoint": self.ckpt["path"],
                 "device": s.inference.device, "max_batch_tiles": s.inference.max_batch_tiles,
-                "max_wait_ms": s.inference.max_wait_ms,
+                "max_wait_ms": s.inference.max_wait_ms, "backend": s.inference.backend,
             }))
         for cam in cams:
             out.append(StageSpec(f"capture.{cam['id']}", "capture", "knitwatch.pipeline.stages.capture", {

@@ -32,7 +32,7 @@ _BATCH_BINS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 class InferStage(Stage):
     def __init__(self, name: str, control_endpoint: str, *, tiles_endpoint: str, results_endpoint: str,
                  checkpoint: str, device: str = "auto", max_batch_tiles: int = 64, max_wait_ms: float = 50.0,
-                 detector: Detector | None = None) -> None:
+                 backend: str = "torch", detector: Detector | None = None) -> None:
         super().__init__(name, control_endpoint)
         self.inp = self.socket(zmq.DEALER, tiles_endpoint, bind=False, hwm=8)
         self.out = self.socket(zmq.PUSH, results_endpoint, bind=False, hwm=4)
@@ -42,7 +42,7 @@ class InferStage(Stage):
         self.batch_hist: collections.Counter[int] = collections.Counter()
         self.extra["ready"] = False
         self.heartbeat(force=True)  # the supervisor sees us alive while the model loads
-        self.det = detector if detector is not None else load_detector(checkpoint, device)
+        self.det = detector if detector is not None else load_detector(checkpoint, device, backend)
         self.det.warm_up()
         self.extra.update(ready=True, device=self.det.device, model=self.det.kind)
         self.pending: list[wire.Message] = []
