@@ -275,6 +275,42 @@ def predict_tiles(
     return torch.cat(maps).numpy(), torch.cat(scores).numpy()
 
 
+class AnomalyModel(nn.Module):
+    """What every knitwatch model shares: calibrated thresholds and input normalisation as buffers
+    (saved in the checkpoint), and ``predict`` on uint8 tiles (`predict_tiles`)."""
+
+    image_threshold: Tensor
+    pixel_threshold: Tensor
+    input_mean: Tensor
+    input_std: Tensor
+
+    def _register_common_buffers(self) -> None:
+        """Thresholds (NaN until calibrated) and the ImageNet input normalisation."""
+        self.register_buffer("image_threshold", torch.tensor(float("nan")))
+        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
+        self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(torch.isfinite(self.image_threshold)) and bool(torch.isfinite(self.pixel_threshold))
+
+    def thresholds(self) -> dict[str, float]:
+        """Calibrated thresholds as Python floats (exactly the float32 buffer values)."""
+        return {"image": float(self.image_threshold), "pixel": float(self.pixel_threshold)}
+
+    def set_thresholds(self, image: float, pixel: float) -> None:
+        self.image_threshold.fill_(float(image))
+        self.pixel_threshold.fill_(float(pixel))
+
+    @torch.inference_mode()
+    def predict(self, tiles: np.ndarray | Tensor, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Anomaly maps (N,H,W) float32 and scores (N,) float32 for uint8 tiles (see `predict_tiles`):
+        gray replicated to three channels, ImageNet normalisation, channels_last, fp16 autocast on CUDA."""
+        return predict_tiles(self, tiles, batch_size)
+
+
+
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
@@ -342,7 +378,7 @@ def student_ae_loss(ae_out: Tensor, student_ae_out: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-class EfficientAD(nn.Module):
+class EfficientAD(AnomalyModel):
     """Teacher (frozen), student and autoencoder, with normalisation statistics and thresholds.
 
     Buffers (all saved in the state dict): ``teacher_mean``/``teacher_std`` (1,384,1,1), the map
@@ -389,10 +425,7 @@ class EfficientAD(nn.Module):
         self.register_buffer("q_st_end", torch.tensor(0.1))
         self.register_buffer("q_ae_start", torch.tensor(0.0))
         self.register_buffer("q_ae_end", torch.tensor(0.1))
-        self.register_buffer("image_threshold", torch.tensor(float("nan")))
-        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
-        self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self._register_common_buffers()
         # Non-tensor facts about how the model was made (teacher source, training run); saved in the
         # checkpoint's provenance by `save_model`.
         self.provenance: dict[str, Any] = {}
@@ -409,10 +442,6 @@ class EfficientAD(nn.Module):
         """Side of the raw (PDN-resolution) maps."""
         return pdn_output_size(self.tile_size)
 
-    @property
-    def is_calibrated(self) -> bool:
-        return bool(torch.isfinite(self.image_threshold)) and bool(torch.isfinite(self.pixel_threshold))
-
     def hparams(self) -> dict[str, Any]:
         return {
             "size": self.size,
@@ -420,10 +449,6 @@ class EfficientAD(nn.Module):
             "out_channels": self.out_channels,
             "ae_dropout": self.ae_dropout,
         }
-
-    def thresholds(self) -> dict[str, float]:
-        """Calibrated thresholds as Python floats (exactly the float32 buffer values)."""
-        return {"image": float(self.image_threshold), "pixel": float(self.pixel_threshold)}
 
     def train(self, mode: bool = True) -> EfficientAD:
         super().train(mode)
@@ -443,9 +468,6 @@ class EfficientAD(nn.Module):
         for name, value in zip(("q_st_start", "q_st_end", "q_ae_start", "q_ae_end"), (*q_st, *q_ae), strict=True):
             getattr(self, name).fill_(float(value))
 
-    def set_thresholds(self, image: float, pixel: float) -> None:
-        self.image_threshold.fill_(float(image))
-        self.pixel_threshold.fill_(float(pixel))
 
     # -- inference ---------------------------------------------------------------------------------
 
@@ -497,15 +519,6 @@ class EfficientAD(nn.Module):
         self.eval()
         return self.to(device=torch.device(device), memory_format=torch.channels_last)
 
-    @torch.inference_mode()
-    def predict(self, tiles: np.ndarray | Tensor, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Anomaly maps (N,H,W) float32 and scores (N,) float32 for uint8 tiles.
-
-        ``tiles``: (N,H,W) gray, (N,H,W,3) RGB (or a (N,C,H,W) tensor), uint8. Gray is replicated to
-        three channels, ImageNet normalisation is applied, inputs go channels_last, and on CUDA the
-        networks run under fp16 autocast (maps are returned in float32). Runs in eval mode.
-        """
-        return predict_tiles(self, tiles, batch_size)
 
 
 def model_input_spec() -> dict[str, Any]:

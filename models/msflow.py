@@ -40,7 +40,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 import torch
 import torch.nn.functional as F
@@ -50,8 +49,7 @@ from torch import Tensor, nn
 
 from knitwatch.models.backbones import LITE0, MultiScaleExtractor
 from knitwatch.models.checkpoint import Checkpoint, register_model_kind
-from knitwatch.models.efficientad import predict_tiles
-from knitwatch.models.lite0 import IMAGENET_MEAN, IMAGENET_STD
+from knitwatch.models.efficientad import AnomalyModel
 
 log = structlog.get_logger(__name__)
 
@@ -406,7 +404,7 @@ def topk_mean(maps: Tensor, fraction: float) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-class MSFlow(nn.Module):
+class MSFlow(AnomalyModel):
     """Extractor (frozen), parallel and fusion flows, with normalisation statistics and thresholds.
 
     Buffers (all in the state dict, together with the extractor's weights, so a checkpoint is
@@ -474,10 +472,7 @@ class MSFlow(nn.Module):
             self.register_buffer(f"feat_std{i}", torch.ones(1, ch, 1, 1))
         self.register_buffer("map_loc", torch.zeros(len(channels)))
         self.register_buffer("map_spread", torch.ones(len(channels)))
-        self.register_buffer("image_threshold", torch.tensor(float("nan")))
-        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
-        self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self._register_common_buffers()
         # Non-tensor facts about how the model was made (backbone weights, training run); saved in the
         # checkpoint's provenance by `save_model`.
         self.provenance: dict[str, Any] = {}
@@ -499,10 +494,6 @@ class MSFlow(nn.Module):
     def num_scales(self) -> int:
         return len(self.extractor.channels)
 
-    @property
-    def is_calibrated(self) -> bool:
-        return bool(torch.isfinite(self.image_threshold)) and bool(torch.isfinite(self.pixel_threshold))
-
     def hparams(self) -> dict[str, Any]:
         return {
             "backbone": self.backbone_name,
@@ -515,13 +506,6 @@ class MSFlow(nn.Module):
             "topk": self.topk,
         }
 
-    def thresholds(self) -> dict[str, float]:
-        """Calibrated thresholds as Python floats (exactly the float32 buffer values)."""
-        return {"image": float(self.image_threshold), "pixel": float(self.pixel_threshold)}
-
-    def set_thresholds(self, image: float, pixel: float) -> None:
-        self.image_threshold.fill_(float(image))
-        self.pixel_threshold.fill_(float(pixel))
 
     def set_feature_stats(self, means: Sequence[Tensor], stds: Sequence[Tensor]) -> None:
         for i, (m, s) in enumerate(zip(means, stds, strict=True)):
@@ -585,14 +569,6 @@ class MSFlow(nn.Module):
         self.eval()
         return self.to(device=torch.device(device), memory_format=torch.channels_last)
 
-    @torch.inference_mode()
-    def predict(self, tiles: np.ndarray | Tensor, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Anomaly maps (N,H,W) float32 and scores (N,) float32 for uint8 tiles, batch by batch.
-
-        Same conventions as ``EfficientAD.predict`` (`knitwatch.models.efficientad.predict_tiles`):
-        gray replicated to RGB, ImageNet normalisation, channels_last, fp16 autocast on CUDA.
-        """
-        return predict_tiles(self, tiles, batch_size)
 
 
 # --------------------------------------------------------------------------------------------------

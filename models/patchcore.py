@@ -32,12 +32,11 @@ import numpy as np
 import structlog
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from knitwatch.models.backbones import LEVEL_CHANNELS, LITE0, FrozenBackbone
 from knitwatch.models.checkpoint import Checkpoint
-from knitwatch.models.efficientad import MAX_QUANTILE_VALUES, predict_tiles, tiles_to_tensor
-from knitwatch.models.lite0 import IMAGENET_MEAN, IMAGENET_STD
+from knitwatch.models.efficientad import MAX_QUANTILE_VALUES, AnomalyModel, tiles_to_tensor
 from knitwatch.models.train import calibrate_f1_threshold, quantile_threshold, split_indices, subsample
 
 log = structlog.get_logger(__name__)
@@ -147,7 +146,7 @@ def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-class PatchCore(nn.Module):
+class PatchCore(AnomalyModel):
     """Frozen Lite0 patch features + a memory bank of normal patches; anomaly = nearest distance.
 
     Buffers (in the state dict with the extractor's weights): ``memory_bank`` (M, 152),
@@ -189,10 +188,7 @@ class PatchCore(nn.Module):
             warn_random=not _weights_from_checkpoint,
         )
         self.register_buffer("memory_bank", torch.zeros(int(bank_size), FEATURE_DIM))
-        self.register_buffer("image_threshold", torch.tensor(float("nan")))
-        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
-        self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self._register_common_buffers()
         self.provenance: dict[str, Any] = {}
         if not _weights_from_checkpoint:
             self.provenance["backbone"] = {
@@ -212,10 +208,6 @@ class PatchCore(nn.Module):
     def bank_size(self) -> int:
         return int(self.memory_bank.shape[0])
 
-    @property
-    def is_calibrated(self) -> bool:
-        return bool(torch.isfinite(self.image_threshold)) and bool(torch.isfinite(self.pixel_threshold))
-
     def hparams(self) -> dict[str, Any]:
         return {
             "tile_size": self.tile_size,
@@ -227,12 +219,6 @@ class PatchCore(nn.Module):
             "sigma": self.sigma,
         }
 
-    def thresholds(self) -> dict[str, float]:
-        return {"image": float(self.image_threshold), "pixel": float(self.pixel_threshold)}
-
-    def set_thresholds(self, image: float, pixel: float) -> None:
-        self.image_threshold.fill_(float(image))
-        self.pixel_threshold.fill_(float(pixel))
 
     def set_memory_bank(self, bank: Tensor) -> None:
         if bank.ndim != 2 or bank.shape[1] != FEATURE_DIM:
@@ -280,11 +266,6 @@ class PatchCore(nn.Module):
     def prepare_for_inference(self, device: str | torch.device = "cpu") -> PatchCore:
         self.eval()
         return self.to(device=torch.device(device))
-
-    @torch.inference_mode()
-    def predict(self, tiles: np.ndarray | Tensor, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Anomaly maps (N,H,W) float32 and scores (N,) float32 for uint8 tiles (as ``EfficientAD.predict``)."""
-        return predict_tiles(self, tiles, batch_size)
 
 
 # --------------------------------------------------------------------------------------------------
