@@ -230,9 +230,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_pipeline)
 
-    from knitwatch.daemon import bench_model
+    from knitwatch.daemon import bench_accuracy, bench_model
 
     bench_model.register(bsub)
+    bench_accuracy.register_accuracy(bsub)
 
     d = bsub.add_parser("detection", help="recall, false stops per hour and delay on a simulated machine",
                         description="Stream simulated fabric with scheduled defects of every kind (and a cutline "

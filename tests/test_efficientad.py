@@ -88,6 +88,30 @@ def test_wrong_tile_size_rejected():
         EfficientAD("s", 24)
 
 
+def test_map_padding_fills_the_tile_border(tmp_path):
+    """Tiled inference: with the default replicate padding a defect at a tile's edge reaches the
+    tile's outer ring; the reference's zero padding blanks that ring. The choice survives a save/load,
+    and checkpoints written before the option existed keep the zeros they were calibrated with."""
+    model = EfficientAD("s", 64).eval()
+    raw = torch.zeros(1, 1, 8, 8)
+    raw[0, 0, 0, 0] = 1.0  # a hot cell in the corner of the PDN map
+    rep = model.upsample_map(raw, (64, 64))
+    assert rep[0, 0, :16, :16].min() > 0.9  # the whole corner of the tile is hot
+    model.map_padding = "zeros"
+    zero = model.upsample_map(raw, (64, 64))
+    assert zero[0, 0, :8, :8].max() < 0.3  # the ring fades to zero
+    with pytest.raises(ValueError, match="map_padding"):
+        EfficientAD("s", 64, map_padding="reflect")
+
+    save_model(tmp_path / "z.ckpt", model, preprocess={"tile": 64})
+    assert build_model(load_checkpoint(tmp_path / "z.ckpt")).map_padding == "zeros"
+    ckpt = load_checkpoint(tmp_path / "z.ckpt")
+    del ckpt.hparams["map_padding"]  # an older checkpoint
+    assert build_model(ckpt).map_padding == "zeros"
+    save_model(tmp_path / "r.ckpt", EfficientAD("s", 64), preprocess={"tile": 64})
+    assert build_model(load_checkpoint(tmp_path / "r.ckpt")).map_padding == "replicate"
+
+
 def test_predict_gray_rgb_and_dtypes():
     torch.manual_seed(0)
     model = EfficientAD("s", 64)
