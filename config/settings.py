@@ -111,7 +111,10 @@ class ModelConfig(Section):
 
 class InferenceConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["torch", "onnxruntime"] = "torch"
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="auto: onnxruntime on a CPU when installed (faster there), torch on a GPU or without it",
+    )
     precision: Literal["fp32", "fp16", "bf16"] = "fp16"
     max_batch_tiles: int = Field(64, ge=1, le=4096)
     max_wait_ms: float = Field(50.0, ge=0, le=10000)

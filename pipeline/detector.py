@@ -1,9 +1,11 @@
 """A loaded model as the pipeline sees it: tiles in, maps and scores out, plus its thresholds and
 preprocessing - everything from one checkpoint file.
 
-Two backends run the model (``[inference] backend``):
+Two backends run the model (``[inference] backend``; ``auto``, the default, picks ``onnxruntime`` on a
+CPU when it is installed - measured faster than PyTorch there, see the README's speed section - and
+``torch`` on a GPU or when ONNX Runtime is missing or cannot take the model):
 
-* ``torch`` (default): the checkpoint's PyTorch module (`knitwatch.models`), GPU when there is one;
+* ``torch``: the checkpoint's PyTorch module (`knitwatch.models`), GPU when there is one;
 * ``onnxruntime``: the model exported to ONNX (`knitwatch.models.export`: normalisation inside the
   graph, maps and scores as outputs) and run by ONNX Runtime, for CPU hosts. The graph is taken from
   ``CKPT`` with the suffix ``.onnx`` next to the checkpoint (``knitwatch export CKPT --format onnx``
@@ -16,6 +18,7 @@ Two backends run the model (``[inference] backend``):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,9 @@ from knitwatch.models.checkpoint import build_model, load_checkpoint
 
 log = structlog.get_logger(__name__)
 
-BACKENDS: tuple[str, ...] = ("torch", "onnxruntime")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime")
+# what the ONNX Runtime backend imports: the runtime, and the exporter for on-the-fly exports
+ONNX_MODULES: tuple[str, ...] = ("onnxruntime", "onnx", "onnxscript")
 
 
 def resolve_device(device: str) -> str:
@@ -200,10 +205,34 @@ def load_onnx_model(checkpoint: str | Path, device: str = "cpu", cache_dir: str 
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def onnx_backend_missing() -> list[str]:
+    """The modules of `ONNX_MODULES` that are not installed."""
+    return [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
+
+
 def load_detector(path: str | Path, device: str = "auto", backend: str = "torch") -> Detector:
-    """The detector of a checkpoint on ``device`` ('auto', 'cpu', 'cuda') with ``backend`` (`BACKENDS`)."""
+    """The detector of a checkpoint on ``device`` ('auto', 'cpu', 'cuda') with ``backend`` (`BACKENDS`).
+
+    ``auto``: ``onnxruntime`` when the device resolves to the CPU and ONNX Runtime is installed, else
+    ``torch``; when the ONNX route fails (an export the exporter cannot make, an unwritable cache) it
+    says why in a warning and runs the model with PyTorch.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if resolve_device(device) != "cpu":
+            return load_detector(path, device, "torch")
+        missing = onnx_backend_missing()
+        if missing:
+            log.info("backend auto: torch (ONNX Runtime backend not installed: pip install 'knitwatch[onnx]')",
+                     missing=missing)
+            return load_detector(path, device, "torch")
+        load_checkpoint(path)  # a bad checkpoint is reported as such, not as an ONNX problem
+        try:
+            return load_detector(path, device, "onnxruntime")
+        except Exception as e:  # noqa: BLE001 - any exporter/runtime failure: PyTorch still runs the model
+            log.warning("backend auto: ONNX Runtime failed, using torch", error=f"{type(e).__name__}: {e}")
+            return load_detector(path, device, "torch")
     ckpt = load_checkpoint(path)
     info: dict[str, Any] = {"path": str(path), "backend": backend}
     if backend == "onnxruntime":

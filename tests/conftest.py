@@ -18,6 +18,14 @@ def _clean_knitwatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """On-the-fly ONNX exports (the default ``auto`` backend on a CPU) go to this run's temporary
+    folder, shared by the tests of the run, never to the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+
+
 def needs_aitex(fabric: str = "") -> pytest.MarkDecorator:
     path = AITEX / fabric if fabric else AITEX
     return pytest.mark.skipif(not path.is_dir(), reason=f"real fabric data not present at {path}")

@@ -87,6 +87,25 @@ def test_quick_run_patchcore(tmp_path, capsys):
     res = json.loads((tmp_path / "r.json").read_text())
     assert list(res["datasets"]) == [ba.SIM_NAME]  # the real fabrics were absent: skipped cleanly
     assert isinstance(res["datasets"][ba.SIM_NAME]["models"]["patchcore"]["metrics"]["pixel_auroc"], float)
+    assert res["reused"] == 0
+    # an interrupted or repeated run with the same settings reuses the finished result
+    assert _quick(tmp_path, ["patchcore"]) == 0
+    again = json.loads((tmp_path / "r.json").read_text())
+    assert again["reused"] == 1
+    assert again["datasets"][ba.SIM_NAME]["models"]["patchcore"]["metrics"] == \
+        res["datasets"][ba.SIM_NAME]["models"]["patchcore"]["metrics"]
+
+
+def test_job_key_depends_on_the_models_own_settings_only(tmp_path):
+    spec = ba.DatasetSpec("fabric00", tmp_path, 0.5, 256, True)
+    s = ba.BenchSettings()
+    more_flow = ba.BenchSettings(msflow_meta_epochs=s.msflow_meta_epochs + 1)
+    assert ba.job_key(s, spec, "efficientad-s", {}) == ba.job_key(more_flow, spec, "efficientad-s", {})
+    assert ba.job_key(s, spec, "patchcore", {}) == ba.job_key(more_flow, spec, "patchcore", {})
+    assert ba.job_key(s, spec, "msflow-resnet18", {}) != ba.job_key(more_flow, spec, "msflow-resnet18", {})
+    assert ba.job_key(s, spec, "patchcore", {}) != ba.job_key(ba.BenchSettings(seed=1), spec, "patchcore", {})
+    other_teacher = {"efficientad-s": (None, {"path": "b.pth"})}
+    assert ba.job_key(s, spec, "efficientad-s", {}) != ba.job_key(s, spec, "efficientad-s", other_teacher)
 
 
 @pytest.mark.slow

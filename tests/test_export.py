@@ -17,7 +17,7 @@ pytest.importorskip("onnxruntime")
 
 from knitwatch.daemon import cmd_export  # noqa: E402
 from knitwatch.daemon.cli import CliError  # noqa: E402
-from knitwatch.models.checkpoint import load_checkpoint  # noqa: E402
+from knitwatch.models.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from knitwatch.models.efficientad import EfficientAD, save_model  # noqa: E402
 from knitwatch.models.export import (  # noqa: E402
     TileGraph,
@@ -150,6 +150,26 @@ def test_efficientad_onnxruntime_backend(ead_ckpt, tiles, tmp_path, monkeypatch)
             load_detector(other, "cpu", "onnxruntime")
     finally:
         beside.unlink()
+
+
+def test_auto_backend(ead_ckpt, tmp_path, monkeypatch):
+    """auto: ONNX Runtime on a CPU when installed, PyTorch when it is missing or the export fails."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert load_detector(ead_ckpt, "cpu", "auto").backend == "onnxruntime"
+
+    monkeypatch.setattr(detector_mod, "onnx_backend_missing", lambda: ["onnxruntime"])
+    assert load_detector(ead_ckpt, "cpu", "auto").backend == "torch"
+    monkeypatch.undo()
+
+    def broken_export(*a, **k):
+        raise RuntimeError("exporter cannot take this model")
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr("knitwatch.models.export.export_checkpoint", broken_export)
+    det = load_detector(ead_ckpt, "cpu", "auto")
+    assert det.backend == "torch" and det.predict(np.full((2, TILE, TILE), 128, np.uint8))[0].shape == (2, TILE, TILE)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):  # not hidden behind the fallback
+        load_detector(tmp_path / "missing.ckpt", "cpu", "auto")
 
 
 def test_backend_and_cli_errors(tmp_path, monkeypatch):
