@@ -31,10 +31,10 @@ from knitwatch.daemon.logs import setup_logging
 log = structlog.get_logger(__name__)
 
 
-def bare_throughput(ckpt: Path, device: str, batch: int, seconds: float) -> dict[str, float]:
+def bare_throughput(ckpt: Path, device: str, batch: int, seconds: float, backend: str) -> dict[str, Any]:
     from knitwatch.pipeline.detector import load_detector
 
-    det = load_detector(ckpt, device)
+    det = load_detector(ckpt, device, backend)
     t = int(det.preprocess["tile"])
     tiles = np.random.default_rng(0).integers(60, 200, (batch, t, t), dtype=np.uint8)
     det.predict(tiles)  # warm-up
@@ -45,7 +45,7 @@ def bare_throughput(ckpt: Path, device: str, batch: int, seconds: float) -> dict
         det.predict(tiles)
         times.append(time.perf_counter() - t0)
     med = float(np.median(times))
-    return {"tiles_per_s": batch / med, "batch_ms_p50": med * 1000, "batches": len(times)}
+    return {"tiles_per_s": batch / med, "batch_ms_p50": med * 1000, "batches": len(times), "backend": det.backend}
 
 
 def run_daemon(settings: Settings, ckpt: dict, seconds: float, log_format: str) -> dict[str, Any]:
@@ -65,7 +65,9 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     ckpt = checkpoint_summary(args.checkpoint)
     device = resolve_device(args.device)
     batch = args.max_batch_tiles
-    bare = bare_throughput(args.checkpoint, device, batch, args.seconds / 3)
+    # the bare model runs on the backend the daemon's workers will pick (``[inference] backend``)
+    bare = bare_throughput(args.checkpoint, device, batch, args.seconds / 3, settings.inference.backend)
+    settings.inference.backend = bare["backend"]  # type: ignore[assignment]
     frame = np.zeros((args.height, args.width), np.uint8)
     tiles_per_frame = len(Preprocessor(PreprocessConfig.from_dict(ckpt["preprocess"]))(frame)[1])
     settings.inference.device = device  # type: ignore[assignment]
@@ -89,6 +91,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     period_ms = 1000.0 / max(0.2, sat_fps / 2)
     result = {
         "device": device,
+        "backend": bare["backend"],
         "tile": int(ckpt["preprocess"]["tile"]),
         "frame": f"{args.width}x{args.height}",
         "tiles_per_frame": tiles_per_frame,

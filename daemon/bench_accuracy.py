@@ -38,7 +38,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shutil
 import sys
 import time
@@ -209,10 +208,6 @@ def _jsonable(v: Any) -> Any:  # noqa: ANN401
     return str(v)
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 # --------------------------------------------------------------------------------------------------
 # Extra metrics: fixed-grid cells and defect size
 # --------------------------------------------------------------------------------------------------
@@ -327,17 +322,17 @@ def evaluate_checkpoint(ckpt: str, data: str, settings: dict[str, Any], progress
     import knitwatch.models.msflow  # noqa: F401
     import knitwatch.models.patchcore  # noqa: F401
     from knitwatch.pipeline.detector import load_detector
-    from knitwatch.pipeline.evaluate import compute_metrics, score_folder
+    from knitwatch.pipeline.evaluate import compute_metrics, process_memory_mb, score_folder
 
-    base_rss = _rss_mb()  # interpreter, torch and knitwatch imported; no model yet
+    base_rss = process_memory_mb("VmHWM")  # interpreter, torch and knitwatch imported; no model yet
     t0, c0 = time.monotonic(), time.process_time()
-    det = load_detector(ckpt, "cpu")
+    det = load_detector(ckpt, "cpu", "torch")  # the models as trained; `bench model` compares backends
     if settings.get("variant") == ZERO_PAD:
         use_zero_map_padding(det.model)
     t = int(det.preprocess["tile"])
     shape = (INFER_BATCH, t, t) if det.preprocess.get("grayscale", True) else (INFER_BATCH, t, t, 3)
     det.predict(np.random.default_rng(0).integers(40, 220, shape, dtype=np.uint8))
-    infer_rss = _rss_mb()
+    infer_rss = process_memory_mb("VmHWM")
     results = score_folder(det, Path(data), split="test", progress=progress, min_defect_px=settings["min_defect_px"])
     t_score = time.monotonic() - t0
     m = compute_metrics(results, image_threshold=det.image_threshold, min_defect_px=settings["min_defect_px"])
@@ -348,7 +343,7 @@ def evaluate_checkpoint(ckpt: str, data: str, settings: dict[str, Any], progress
     m["peak_rss_mb_infer"] = infer_rss
     m["rss_baseline_mb"] = base_rss
     m["model_rss_mb"] = infer_rss - base_rss
-    m["peak_rss_mb"] = _rss_mb()
+    m["peak_rss_mb"] = process_memory_mb("VmHWM")
     m["score_seconds"] = t_score
     m["eval_seconds"] = time.monotonic() - t0
     m["eval_cpu_seconds"] = time.process_time() - c0
@@ -362,6 +357,8 @@ ZERO_PAD = "zero-pad"
 def use_zero_map_padding(model: Any) -> None:  # noqa: ANN401
     """The reference's EfficientAD map padding (zeros), for the comparison row ``--variants zero-pad``:
     the same checkpoint, only the values of the map's outer ring differ (see MAP_PADDINGS)."""
+    if getattr(model, "map_padding", None) is None:
+        raise TypeError(f"--variants {ZERO_PAD} needs a PyTorch EfficientAD model, got {type(model).__name__}")
     model.map_padding = "zeros"
 
 
@@ -486,6 +483,24 @@ def job_key(settings: BenchSettings, spec: DatasetSpec, model: str, teachers: di
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
+def _read_result(path: Path) -> dict[str, Any] | None:
+    """A finished (dataset, model) result of an earlier run, or None (absent, or cut off mid-write)."""
+    if not path.is_file():
+        return None
+    try:
+        return {**json.loads(path.read_text()), "reused": str(path)}
+    except (OSError, ValueError) as e:
+        log.warning("bench: unreadable earlier result, redone", file=str(path), error=str(e))
+        return None
+
+
+def _write_result(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(result), allow_nan=False))
+    os.replace(tmp, path)
+
+
 def check_models(models: Sequence[str]) -> list[str]:
     from knitwatch.models.msflow import KINDS as MSFLOW_KINDS
 
@@ -524,6 +539,7 @@ def run_benchmark(
     teacher_path: Path | None = None,
     teacher_only: bool = False,
     fresh: bool = False,
+    reevaluate: bool = False,
     variants: Sequence[str] = (),
     progress: bool = True,
     log_level: str = "INFO",
@@ -603,9 +619,19 @@ def run_benchmark(
         for m in models:
             job += 1
             tile = settings.tile_for(m)
-            done_file = out / "runs" / f"{spec.name}-{m}-{job_key(settings, spec, m, teachers)}.json"
-            if done_file.is_file() and not fresh:
-                entry["models"][m] = {**json.loads(done_file.read_text()), "reused": str(done_file)}
+            key = job_key(settings, spec, m, teachers)
+            done_file = out / "runs" / f"{spec.name}-{m}-{key}.json"
+            earlier = None if fresh else _read_result(done_file)
+            if earlier is not None and reevaluate and Path(earlier.get("checkpoint", "")).is_file():
+                log.info(f"bench [{job}/{n_jobs}] {spec.name} {m}: evaluating the earlier run's checkpoint again")
+                earlier = {k: v for k, v in earlier.items() if k != "reused"}
+                earlier["metrics"] = evaluate(spec, Path(earlier["checkpoint"]), None)
+                earlier["reevaluated"] = True
+                _write_result(done_file, earlier)
+                done_log(job, spec, m, earlier["metrics"])
+                entry["models"][m] = earlier
+            elif earlier is not None:
+                entry["models"][m] = earlier
                 log.info(f"bench [{job}/{n_jobs}] {spec.name} {m}: reusing the result of an earlier run",
                          file=str(done_file))
             else:
@@ -620,7 +646,7 @@ def run_benchmark(
                     entry["models"][m] = {"skipped": str(e)}
                     continue
                 train_s, train_cpu = time.monotonic() - t0, time.process_time() - c0
-                ckpt = out / "checkpoints" / f"{spec.name}-{m}.ckpt"
+                ckpt = out / "checkpoints" / f"{spec.name}-{m}-{key}.ckpt"  # a result file names its own
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 save_model(ckpt, model, preprocess=manifest["preprocess"],
                            provenance={"id": f"bench-{spec.name}-{m}", "dataset": str(spec.src),
@@ -631,21 +657,25 @@ def run_benchmark(
                 entry["models"][m] = {"train_seconds": train_s, "train_cpu_seconds": train_cpu,
                                       "train": _jsonable(info), "metrics": metrics,
                                       "checkpoint": str(ckpt), "tile": tile, "train_tiles": int(len(tiles))}
-                done_file.parent.mkdir(parents=True, exist_ok=True)
-                done_file.write_text(json.dumps(_jsonable(entry["models"][m]), allow_nan=False))
+                _write_result(done_file, entry["models"][m])
                 done_log(job, spec, m, metrics)
             variant_row = f"{m}+{ZERO_PAD}"
             if variant_row in rows and "checkpoint" in entry["models"][m]:
                 base = entry["models"][m]
+                if not Path(base["checkpoint"]).is_file():
+                    log.warning(f"bench: {variant_row} skipped: the checkpoint of the reused result is gone "
+                                "(--fresh retrains)", checkpoint=base["checkpoint"])
+                    continue
                 vfile = done_file.with_name(done_file.name.replace(f"-{m}-", f"-{variant_row}-"))
-                if vfile.is_file() and not fresh:
-                    entry["models"][variant_row] = {**json.loads(vfile.read_text()), "reused": str(vfile)}
+                earlier = None if fresh or "reused" not in base else _read_result(vfile)  # base retrained: redo
+                if earlier is not None:
+                    entry["models"][variant_row] = earlier
                     continue
                 log.info(f"bench [{job}/{n_jobs}] {spec.name} {variant_row}: evaluating the same checkpoint")
                 metrics = evaluate(spec, Path(base["checkpoint"]), ZERO_PAD)
                 entry["models"][variant_row] = {**{k: v for k, v in base.items() if k not in ("metrics", "reused")},
                                                 "metrics": metrics, "variant_of": m}
-                vfile.write_text(json.dumps(_jsonable(entry["models"][variant_row]), allow_nan=False))
+                _write_result(vfile, entry["models"][variant_row])
                 done_log(job, spec, variant_row, metrics)
     models = rows
     result["averages"] = averages(result, models)
@@ -656,6 +686,8 @@ def run_benchmark(
     result["machine"] = machine_info()
     result["seconds"] = time.monotonic() - t_start
     result["reused"] = sum("reused" in e for d in result["datasets"].values() for e in d["models"].values())
+    result["reevaluated"] = sum(bool(e.get("reevaluated")) for d in result["datasets"].values()
+                                for e in d["models"].values())
     result["cpu_seconds"] = time.process_time() - c_start + sum(
         d["models"][m]["metrics"].get("eval_cpu_seconds", 0.0) * settings.isolate_eval
         for d in result["datasets"].values() for m in d["models"]
@@ -718,7 +750,9 @@ def format_tables(result: dict[str, Any]) -> str:
         f"{' (shared with other jobs: times are inflated)' if shared else ''}",
         f"time: {result['seconds'] / 60:.1f} min wall, {result['cpu_seconds'] / 60:.1f} min CPU (all threads)"
         + (f"; {result['reused']} result(s) reused from an earlier run (their times are not in these totals)"
-           if result.get("reused") else ""),
+           if result.get("reused") else "")
+        + (f"; {result['reevaluated']} earlier checkpoint(s) evaluated again (their training is not in these "
+           "totals)" if result.get("reevaluated") else ""),
     ]
     lines += [f"settings: {t}" for t in result["settings_text"]]
     for m, t in result.get("teachers", {}).items():
@@ -855,6 +889,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true",
                    help="retrain everything (default: results of an interrupted earlier run with the same settings "
                    "in --out are reused)")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="evaluate the checkpoints of reused results again (after a change to the evaluation; "
+                   "no retraining)")
     p.add_argument("--variants", type=_csv, default=[], metavar="V",
                    help=f"extra rows evaluated from the same checkpoints: '{ZERO_PAD}' = EfficientAD with the "
                    "reference's zero padding of its maps instead of replicating the border cells (why: see "
@@ -900,7 +937,8 @@ def cmd_bench_accuracy(args: argparse.Namespace) -> int:
     try:
         result = run_benchmark(settings=settings, models=args.models, fabrics=fabrics, aitex=args.aitex,
                                sim=args.sim, out=args.out, teacher_path=args.teacher,
-                               teacher_only=args.teacher_only, fresh=args.fresh, variants=args.variants,
+                               teacher_only=args.teacher_only, fresh=args.fresh, reevaluate=args.reevaluate,
+                               variants=args.variants,
                                progress=not args.quiet,
                                log_level=level, log_format=fmt)
     except (ValueError, FileNotFoundError) as e:

@@ -160,18 +160,6 @@ def gpu_peak_gflops(name: str, precision: str) -> float | None:
     return None
 
 
-def _status_mb(key: str) -> float:
-    """A memory figure of this process from /proc/self/status ('VmRSS': now, 'VmHWM': peak), in MiB.
-
-    (Not getrusage's ru_maxrss: Linux carries it over from the parent across fork and exec, so a fresh
-    worker would report its parent's peak.)"""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
 # ---------------------------------------------------------------------------------------------- the worker process
 
 
@@ -186,7 +174,10 @@ def _worker_setup(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     if threads:
         torch.set_num_threads(threads)
     device = spec["device"]
-    facts: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "rss_baseline_mb": round(_status_mb("VmRSS"), 1)}
+    from knitwatch.pipeline.evaluate import process_memory_mb
+
+    facts: dict[str, Any] = {"torch_threads": torch.get_num_threads(),
+                             "rss_baseline_mb": round(process_memory_mb("VmRSS"), 1)}
     tiles = example_tiles(int(spec["batch"]), int(spec["tile"]), bool(spec["grayscale"]), seed=3)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -229,6 +220,8 @@ def _send(obj: dict[str, Any]) -> None:
 
 def worker_main() -> int:
     """The worker process: a JSON spec on the first stdin line, then commands 'rep' and 'finish'."""
+    from knitwatch.pipeline.evaluate import process_memory_mb
+
     setup_logging("bench.worker", level="ERROR", fmt="json")
     spec = json.loads(sys.stdin.readline())
     t0 = time.perf_counter()
@@ -253,7 +246,7 @@ def worker_main() -> int:
         elif cmd == "finish":
             k = min(4, maps.shape[0])
             np.savez(spec["sample_path"], maps=maps[:k], scores=scores[:k])
-            out: dict[str, Any] = {"event": "done", "peak_rss_mb": round(_status_mb("VmHWM"), 1)}
+            out: dict[str, Any] = {"event": "done", "peak_rss_mb": round(process_memory_mb("VmHWM"), 1)}
             if spec["device"] == "cuda":
                 import torch
 

@@ -24,26 +24,17 @@ from knitwatch.daemon.cli import EXIT_FAIL, CliError
 
 log = structlog.get_logger(__name__)
 
-# Parity limits: the largest map difference relative to the maps' range, and no decision may differ.
-MAX_REL_MAP_DIFF = 1e-3
-
-
-def parity_problems(parity: dict) -> list[str]:
-    """What is wrong with a `check_parity` result ([] when the export agrees with PyTorch)."""
-    problems = []
-    if parity["max_rel_map"] > MAX_REL_MAP_DIFF:
-        problems.append(f"maps differ by up to {parity['max_abs_map']:.3g} ({parity['max_rel_map']:.1e} of their "
-                        f"range; limit {MAX_REL_MAP_DIFF:.0e})")
-    for name in ("image", "pixel"):
-        d = parity.get(f"{name}_decisions")
-        if d and d["differ"]:
-            problems.append(f"{d['differ']} {name} decision(s) differ at the stored {name} threshold")
-    return problems
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from knitwatch.models.checkpoint import CheckpointError
-    from knitwatch.models.export import DEFAULT_OPSET, ExportError, MissingPackageError, export_checkpoint
+    from knitwatch.models.export import (
+        DEFAULT_OPSET,
+        ExportError,
+        MissingPackageError,
+        export_checkpoint,
+        parity_problems,
+    )
 
     if args.format != "onnx":  # argparse already limits the choices; kept for callers building args
         raise CliError(f"unknown format {args.format!r}; supported: onnx")

@@ -33,8 +33,6 @@ from knitwatch.models.checkpoint import build_model, load_checkpoint
 log = structlog.get_logger(__name__)
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime")
-# what the ONNX Runtime backend imports: the runtime, and the exporter for on-the-fly exports
-ONNX_MODULES: tuple[str, ...] = ("onnxruntime", "onnx", "onnxscript")
 
 
 def resolve_device(device: str) -> str:
@@ -179,8 +177,12 @@ def _current_session(path: Path, sha: str, device: str) -> OnnxTileModel | None:
 
 
 def load_onnx_model(checkpoint: str | Path, device: str = "cpu", cache_dir: str | Path | None = None) -> OnnxTileModel:
-    """The ONNX Runtime model of a checkpoint: next to it, in the cache, or exported into the cache now."""
-    from knitwatch.models.export import checkpoint_sha256, default_onnx_path, export_checkpoint
+    """The ONNX Runtime model of a checkpoint: next to it, in the cache, or exported into the cache now.
+
+    An export made here is checked against PyTorch first (`knitwatch.models.export.check_parity`): a
+    graph whose maps or decisions differ is deleted and reported (RuntimeError), never used.
+    """
+    from knitwatch.models.export import checkpoint_sha256, default_onnx_path, export_checkpoint, parity_problems
 
     ckpt = Path(checkpoint)
     sha = checkpoint_sha256(ckpt)
@@ -195,37 +197,41 @@ def load_onnx_model(checkpoint: str | Path, device: str = "cpu", cache_dir: str 
     log.info("exporting the checkpoint to ONNX for onnxruntime (once; 'knitwatch export' does it ahead)",
              checkpoint=str(ckpt), cache=str(cached))
     try:
-        export_checkpoint(ckpt, cached, check=False, sha256=sha)
+        report = export_checkpoint(ckpt, cached, check=True, sha256=sha)
     except OSError as e:
         raise RuntimeError(f"cannot write the ONNX export to {cached} ({e}); run 'knitwatch export {ckpt} "
                            "--format onnx' to put it next to the checkpoint") from e
+    problems = parity_problems(report.parity) if report.parity else []
+    if problems:
+        cached.unlink(missing_ok=True)
+        raise RuntimeError(f"the ONNX export of {ckpt} disagrees with PyTorch: {'; '.join(problems)}")
+    for note in report.notes:
+        log.warning("onnx export", checkpoint=str(ckpt), note=note)
     return OnnxTileModel(cached, device)
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def onnx_backend_missing() -> list[str]:
-    """The modules of `ONNX_MODULES` that are not installed."""
-    return [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
+def onnxruntime_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
-def load_detector(path: str | Path, device: str = "auto", backend: str = "torch") -> Detector:
+def load_detector(path: str | Path, device: str = "auto", backend: str = "auto") -> Detector:
     """The detector of a checkpoint on ``device`` ('auto', 'cpu', 'cuda') with ``backend`` (`BACKENDS`).
 
     ``auto``: ``onnxruntime`` when the device resolves to the CPU and ONNX Runtime is installed, else
-    ``torch``; when the ONNX route fails (an export the exporter cannot make, an unwritable cache) it
-    says why in a warning and runs the model with PyTorch.
+    ``torch``; when the ONNX route fails (the exporter missing or unable to take the model, an export
+    that disagrees with PyTorch, an unwritable cache) it says why in a warning and runs the model with
+    PyTorch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if resolve_device(device) != "cpu":
             return load_detector(path, device, "torch")
-        missing = onnx_backend_missing()
-        if missing:
-            log.info("backend auto: torch (ONNX Runtime backend not installed: pip install 'knitwatch[onnx]')",
-                     missing=missing)
+        if not onnxruntime_installed():
+            log.info("backend auto: torch (ONNX Runtime not installed: pip install 'knitwatch[onnx]')")
             return load_detector(path, device, "torch")
         load_checkpoint(path)  # a bad checkpoint is reported as such, not as an ONNX problem
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from knitwatch.daemon import bench_accuracy as ba
+from knitwatch.daemon.cli import CliError
 
 
 def _result(label: str, amap: np.ndarray, mask: np.ndarray | None, valid: np.ndarray | None = None):
@@ -68,16 +70,18 @@ def test_parser_and_settings():
     assert any("GPU" in line for line in full.describe())
     with pytest.raises(ValueError, match="unknown model"):
         ba.check_models(["efficientad-x"])
+    with pytest.raises(CliError, match="unknown variant.*foo"):
+        ba.cmd_bench_accuracy(parser.parse_args(["accuracy", "--variants", "foo", "--out", "/nonexistent"]))
 
 
-def _quick(tmp_path, models: list[str]) -> int:
+def _quick(tmp_path, models: list[str], extra: tuple[str, ...] | list[str] = ()) -> int:
     from knitwatch.models.efficientad import random_teacher
 
     teacher = tmp_path / "teacher.pth"
     torch.save(random_teacher("s", seed=0).state_dict, teacher)  # no distillation: keeps the test short
     return ba.main(["--quick", "--models", ",".join(models), "--teacher", str(teacher), "--out",
                     str(tmp_path / "bench"), "--aitex", str(tmp_path / "absent"), "--fabrics", "fabric00",
-                    "--json", str(tmp_path / "r.json"), "--quiet", "--log-level", "WARNING"])
+                    "--json", str(tmp_path / "r.json"), "--quiet", "--log-level", "WARNING", *extra])
 
 
 def test_quick_run_patchcore(tmp_path, capsys):
@@ -94,6 +98,13 @@ def test_quick_run_patchcore(tmp_path, capsys):
     assert again["reused"] == 1
     assert again["datasets"][ba.SIM_NAME]["models"]["patchcore"]["metrics"] == \
         res["datasets"][ba.SIM_NAME]["models"]["patchcore"]["metrics"]
+    # --reevaluate: the same checkpoint evaluated again, not retrained
+    assert _quick(tmp_path, ["patchcore"], ["--reevaluate"]) == 0
+    third = json.loads((tmp_path / "r.json").read_text())
+    assert (third["reused"], third["reevaluated"]) == (0, 1)
+    pc = third["datasets"][ba.SIM_NAME]["models"]["patchcore"]
+    assert pc["checkpoint"] == res["datasets"][ba.SIM_NAME]["models"]["patchcore"]["checkpoint"]
+    assert pc["metrics"]["pixel_auroc"] == res["datasets"][ba.SIM_NAME]["models"]["patchcore"]["metrics"]["pixel_auroc"]
 
 
 def test_job_key_depends_on_the_models_own_settings_only(tmp_path):
@@ -111,7 +122,7 @@ def test_job_key_depends_on_the_models_own_settings_only(tmp_path):
 @pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
-    rc = _quick(tmp_path, ["efficientad-s", "msflow-efficientnet-lite0", "patchcore"])
+    rc = _quick(tmp_path, ["efficientad-s", "msflow-efficientnet-lite0", "patchcore"], ["--variants", ba.ZERO_PAD])
     assert rc == 0
     text = capsys.readouterr().out
     assert "knitwatch bench accuracy" in text and "GPU" in text
@@ -125,4 +136,40 @@ def test_quick_run_end_to_end(tmp_path, capsys):
         met = res["datasets"][ba.SIM_NAME]["models"][m]["metrics"]
         for key in ("image_auroc", "pixel_auroc", "pixel_auroc_in_defective", "tiles_per_s"):
             assert isinstance(met[key], float), (m, key)
-    assert (out / "checkpoints" / f"{ba.SIM_NAME}-patchcore.ckpt").is_file()
+    assert len(list((out / "checkpoints").glob(f"{ba.SIM_NAME}-patchcore-*.ckpt"))) == 1
+    # the zero-pad row: the same EfficientAD checkpoint with the reference's map padding
+    zero = res["datasets"][ba.SIM_NAME]["models"][f"efficientad-s+{ba.ZERO_PAD}"]
+    base = res["datasets"][ba.SIM_NAME]["models"]["efficientad-s"]
+    assert zero["checkpoint"] == base["checkpoint"] and zero["variant_of"] == "efficientad-s"
+    assert zero["metrics"]["pixel_auroc"] != base["metrics"]["pixel_auroc"]
+    assert f"efficientad-s+{ba.ZERO_PAD}" in text
+
+
+def test_zero_pad_variant_needs_the_torch_efficientad():
+    from knitwatch.models.efficientad import EfficientAD
+
+    model = EfficientAD("s", 64)
+    assert model.map_padding == "replicate"
+    ba.use_zero_map_padding(model)
+    assert model.map_padding == "zeros"
+    with pytest.raises(TypeError, match="PyTorch EfficientAD"):
+        ba.use_zero_map_padding(SimpleNamespace(predict=None))  # e.g. an ONNX Runtime model
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_memory_of_a_fresh_process_is_its_own():
+    """The isolated evaluations report their own peak memory, not their (big) parent's: getrusage's
+    ru_maxrss is carried over across fork and exec on Linux, /proc/self/status VmHWM is not."""
+    import subprocess
+    import sys
+
+    from knitwatch.pipeline.evaluate import process_memory_mb
+
+    ballast = np.ones(160 * 2**20, np.float64)  # 1.25 GiB touched in this process
+    assert process_memory_mb("VmHWM") > 1200
+    code = ("from knitwatch.pipeline.evaluate import process_memory_mb as m; "
+            "print(m('VmHWM'), m('VmRSS'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    peak, now = map(float, out.split())
+    assert 0 < now <= peak < 1000, out  # the child imported torch (a few hundred MiB), not 1.25 GiB more
+    del ballast

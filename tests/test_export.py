@@ -26,6 +26,7 @@ from knitwatch.models.export import (  # noqa: E402
     compare_outputs,
     default_onnx_path,
     onnx_metadata,
+    parity_problems,
 )
 from knitwatch.models.train import calibrate  # noqa: E402
 from knitwatch.models.train_msflow import train_msflow  # noqa: E402
@@ -157,9 +158,22 @@ def test_auto_backend(ead_ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert load_detector(ead_ckpt, "cpu", "auto").backend == "onnxruntime"
 
-    monkeypatch.setattr(detector_mod, "onnx_backend_missing", lambda: ["onnxruntime"])
-    assert load_detector(ead_ckpt, "cpu", "auto").backend == "torch"
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(detector_mod, "onnxruntime_installed", lambda: False)
+        assert load_detector(ead_ckpt, "cpu", "auto").backend == "torch"
+
+    # an on-the-fly export that disagrees with PyTorch is deleted, an error for the onnxruntime
+    # backend and a fallback to torch for auto
+    def bad_parity(*a, **k):
+        return {"max_rel_map": 0.5, "max_abs_map": 1.0, "image_decisions": {"differ": 3}, "pixel_decisions": None}
+
+    with monkeypatch.context() as m:
+        m.setenv("XDG_CACHE_HOME", str(tmp_path / "parity-cache"))
+        m.setattr("knitwatch.models.export.check_parity", bad_parity)
+        with pytest.raises(RuntimeError, match="disagrees with PyTorch: maps differ.*3 image decision"):
+            load_detector(ead_ckpt, "cpu", "onnxruntime")
+        assert not list((tmp_path / "parity-cache").rglob("*.onnx"))
+        assert load_detector(ead_ckpt, "cpu", "auto").backend == "torch"
 
     def broken_export(*a, **k):
         raise RuntimeError("exporter cannot take this model")
@@ -187,10 +201,10 @@ def test_parity_report_flags_differences():
     maps[1] = 1.0
     scores = np.array([0.2, 0.8], np.float32)
     same = compare_outputs((maps, scores), (maps.copy(), scores.copy()), {"image": 0.5, "pixel": 0.5})
-    assert cmd_export.parity_problems(same) == []
+    assert parity_problems(same) == []
     assert same["image_decisions"] == {"positive": 1, "differ": 0, "closest_to_threshold": pytest.approx(0.3)}
     flipped = compare_outputs((maps, scores), (maps + 0.6, np.array([0.6, 0.8])), {"image": 0.5, "pixel": 0.5})
-    problems = cmd_export.parity_problems(flipped)
+    problems = parity_problems(flipped)
     assert len(problems) == 3 and "1 image decision(s) differ" in problems[1]
     no_thr = compare_outputs((maps, scores), (maps, scores), {})
-    assert no_thr["image_decisions"] is None and cmd_export.parity_problems(no_thr) == []
+    assert no_thr["image_decisions"] is None and parity_problems(no_thr) == []

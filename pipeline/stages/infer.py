@@ -32,7 +32,7 @@ _BATCH_BINS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 class InferStage(Stage):
     def __init__(self, name: str, control_endpoint: str, *, tiles_endpoint: str, results_endpoint: str,
                  checkpoint: str, device: str = "auto", max_batch_tiles: int = 64, max_wait_ms: float = 50.0,
-                 backend: str = "torch", detector: Detector | None = None) -> None:
+                 backend: str = "auto", detector: Detector | None = None) -> None:
         super().__init__(name, control_endpoint)
         self.inp = self.socket(zmq.DEALER, tiles_endpoint, bind=False, hwm=8)
         self.out = self.socket(zmq.PUSH, results_endpoint, bind=False, hwm=4)
