@@ -24,8 +24,8 @@ file it was made from, so a stale export is recognised), ``knitwatch.checkpoint_
 ``knitwatch.tile``, ``knitwatch.grayscale``, ``knitwatch.input_dtype``, ``knitwatch.thresholds`` and
 ``knitwatch.preprocess`` (JSON), ``knitwatch.exporter``.
 
-Needs the optional packages ``onnx`` and ``onnxscript`` (``pip install 'knitwatch[onnx]'``); the parity
-check also needs ``onnxruntime``.
+Needs ``onnx`` and ``onnxscript`` (dependencies of knitwatch; a missing one is named with how to
+install it); the parity check also needs ``onnxruntime``.
 """
 
 from __future__ import annotations
