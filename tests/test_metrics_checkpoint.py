@@ -154,7 +154,8 @@ def test_checkpoint_roundtrip_bit_exact(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p != "m.ckpt"]  # no temp files left behind
     ckpt = load_checkpoint(path)
     assert ckpt.kind == "efficientad-s"
-    assert ckpt.hparams == {"size": "s", "tile_size": 64, "out_channels": 384, "ae_dropout": 0.2}
+    assert ckpt.hparams == {"size": "s", "tile_size": 64, "out_channels": 384, "ae_dropout": 0.2,
+                            "map_padding": "replicate"}
     sd = model.state_dict()
     assert ckpt.state_dict.keys() == sd.keys()
     for k, v in sd.items():
