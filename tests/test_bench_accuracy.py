@@ -119,7 +119,6 @@ def test_job_key_depends_on_the_models_own_settings_only(tmp_path):
     assert ba.job_key(s, spec, "efficientad-s", {}) != ba.job_key(s, spec, "efficientad-s", other_teacher)
 
 
-@pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
     rc = _quick(tmp_path, ["efficientad-s", "msflow-efficientnet-lite0", "patchcore"], ["--variants", ba.ZERO_PAD])
