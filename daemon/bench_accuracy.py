@@ -488,10 +488,12 @@ def _read_result(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return {**json.loads(path.read_text()), "reused": str(path)}
+        earlier = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         log.warning("bench: unreadable earlier result, redone", file=str(path), error=str(e))
         return None
+    earlier.pop("reevaluated", None)  # that was the earlier run's doing, not this one's
+    return {**earlier, "reused": str(path)}
 
 
 def _write_result(path: Path, result: dict[str, Any]) -> None:

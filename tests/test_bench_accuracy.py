@@ -105,6 +105,9 @@ def test_quick_run_patchcore(tmp_path, capsys):
     pc = third["datasets"][ba.SIM_NAME]["models"]["patchcore"]
     assert pc["checkpoint"] == res["datasets"][ba.SIM_NAME]["models"]["patchcore"]["checkpoint"]
     assert pc["metrics"]["pixel_auroc"] == res["datasets"][ba.SIM_NAME]["models"]["patchcore"]["metrics"]["pixel_auroc"]
+    assert _quick(tmp_path, ["patchcore"]) == 0  # a later plain run reuses it and re-evaluates nothing
+    fourth = json.loads((tmp_path / "r.json").read_text())
+    assert (fourth["reused"], fourth["reevaluated"]) == (1, 0)
 
 
 def test_job_key_depends_on_the_models_own_settings_only(tmp_path):
