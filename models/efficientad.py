@@ -52,8 +52,9 @@ MAP_PAD = 4
 # How the MAP_PAD ring is filled before the map is resized to the tile. "zeros" is the reference
 # (fine for one centred object per image); "replicate" repeats the border cells, whose receptive
 # fields cover the ring. knitwatch cuts frames into tiles, so zeros would blank the outer 16 px of
-# every tile (75% of a 64 px tile's area): a defect there could never be seen. Measured on aitex
-# fabric01 (64 px tiles): pixel AUROC within defective strips 0.50 with zeros, 0.72 with replicate.
+# every tile (75% of a 64 px tile's area): a defect there could never be seen. Measured with
+# `knitwatch bench accuracy --variants zero-pad` (64 px tiles, same checkpoints): pixel AUROC within
+# defective strips 0.580 with zeros, 0.724 with replicate (mean of five aitex fabrics; README).
 MAP_PADDINGS = ("replicate", "zeros")
 # torch.quantile refuses inputs above 2**24 elements; quantiles are taken on at most this many values.
 MAX_QUANTILE_VALUES = 1_000_000
