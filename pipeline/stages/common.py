@@ -69,13 +69,17 @@ class Stage:
         self.log = log.bind(stage_name=name)
 
     # -- sockets
-    def socket(self, kind: int, endpoint: str, *, bind: bool, hwm: int = 2) -> zmq.Socket:
+    def socket(self, kind: int, endpoint: str, *, bind: bool, hwm: int = 2, linger_ms: int | None = None) -> zmq.Socket:
+        """``linger_ms``: how long closing waits for unsent messages (default 0 for PULL, else 2000 ms);
+        0 for sockets that only send credits upstream - their peer has stopped before this stage."""
         s = self.zctx.socket(kind)
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.RCVHWM, hwm)
         if kind == zmq.ROUTER:
             s.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer raises instead of vanishing
-        s.setsockopt(zmq.LINGER, 0 if kind == zmq.PULL else 2000)
+        if linger_ms is None:
+            linger_ms = 0 if kind == zmq.PULL else 2000
+        s.setsockopt(zmq.LINGER, linger_ms)
         if bind:
             if endpoint.startswith("ipc://"):
                 path = endpoint[len("ipc://") :]

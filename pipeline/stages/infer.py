@@ -34,7 +34,7 @@ class InferStage(Stage):
                  checkpoint: str, device: str = "auto", max_batch_tiles: int = 64, max_wait_ms: float = 50.0,
                  backend: str = "auto", detector: Detector | None = None) -> None:
         super().__init__(name, control_endpoint)
-        self.inp = self.socket(zmq.DEALER, tiles_endpoint, bind=False, hwm=8)
+        self.inp = self.socket(zmq.DEALER, tiles_endpoint, bind=False, hwm=8, linger_ms=0)  # credits only
         self.out = self.socket(zmq.PUSH, results_endpoint, bind=False, hwm=4)
         self.max_tiles = max_batch_tiles
         self.max_wait_s = max_wait_ms / 1000.0

@@ -47,7 +47,7 @@ class TilerStage(Stage):
                  preprocess: dict, cameras: list[dict], scale: float | None = None,
                  refresh_frames: int = 50) -> None:
         super().__init__(name, control_endpoint)
-        self.inp = self.socket(zmq.ROUTER, frames_endpoint, bind=True, hwm=8)
+        self.inp = self.socket(zmq.ROUTER, frames_endpoint, bind=True, hwm=8, linger_ms=0)  # credits only
         self.out = self.socket(zmq.ROUTER, tiles_endpoint, bind=True, hwm=8)
         self.pre = camera_preprocessors(preprocess, cameras, scale=scale, refresh_frames=refresh_frames)
         self.poller = zmq.Poller()
