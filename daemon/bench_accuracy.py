@@ -41,7 +41,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -497,10 +497,10 @@ def _read_result(path: Path) -> dict[str, Any] | None:
 
 
 def _write_result(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(result), allow_nan=False))
-    os.replace(tmp, path)
+    from knitwatch.models.checkpoint import atomic_path
+
+    with atomic_path(path, fsync=False) as tmp:
+        tmp.write_text(json.dumps(_jsonable(result), allow_nan=False))
 
 
 def check_models(models: Sequence[str]) -> list[str]:
@@ -739,6 +739,25 @@ def _f(v: Any, digits: int = 3) -> str:  # noqa: ANN401
     return str(v)
 
 
+def _table_rows(result: dict[str, Any], models: Sequence[str], row: Callable[..., str], *, main: bool) -> list[str]:
+    """``row(name, model, metrics, train_seconds)`` per dataset and model, then the means over the real
+    fabrics. ``main``: also a line for each model that did not run, and a blank line after each group."""
+    lines = []
+    for name, d in result["datasets"].items():
+        for m in models:
+            e = d["models"].get(m, {})
+            if "metrics" in e:
+                lines.append(row(name, m, e["metrics"], e.get("train_seconds")))
+            elif main:
+                lines.append(f"{name:10s} {m:28s} skipped: {e.get('skipped', 'not run')}")
+        lines += [""] * main
+    if any(d["real"] for d in result["datasets"].values()):
+        lines += [row("MEAN real", m, result["averages"][m], result["averages"][m].get("train_seconds"))
+                  for m in models]
+        lines += [""] * main
+    return lines
+
+
 def format_tables(result: dict[str, Any]) -> str:
     """The printed report: header with machine and settings, the main table, the by-size table."""
     mach = result["machine"]
@@ -777,18 +796,7 @@ def format_tables(result: dict[str, Any]) -> str:
                 f"{cell:>10s} | {_f(met.get('tiles_per_s'), 1):>7s} {_f(met.get('peak_rss_mb_infer'), 0):>7s} "
                 f"{_f(met.get('model_rss_mb'), 0):>8s} {_f(train_s, 0):>7s}{note}")
 
-    for name, d in result["datasets"].items():
-        for m in models:
-            e = d["models"].get(m, {})
-            if "metrics" not in e:
-                lines.append(f"{name:10s} {m:28s} skipped: {e.get('skipped', 'not run')}")
-                continue
-            lines.append(row(name if d["real"] else f"{name}", m, e["metrics"], e["train_seconds"]))
-        lines.append("")
-    if any(d["real"] for d in result["datasets"].values()):
-        for m in models:
-            lines.append(row("MEAN real", m, result["averages"][m], result["averages"][m].get("train_seconds")))
-        lines.append("")
+    lines += _table_rows(result, models, row, main=True)
     lines.append("* strip/image AUROC: on the real fabrics CONFOUNDED (good and defective strips were captured "
                  "differently; aitex-dev README); honest on the simulated set")
     lines.append(f"tile AUROC: fixed cells of original pixels (cells with >= 10 defect px vs none, same images); "
@@ -802,20 +810,13 @@ def format_tables(result: dict[str, Any]) -> str:
     lines += ["By defect size (within defective images; recall = regions whose peak exceeds the "
               f"{1 - result['settings']['region_fpr']:.0%} quantile of normal pixels)", head2, sub2, "-" * len(sub2)]
 
-    def row2(name: str, m: str, met: dict[str, Any]) -> str:
+    def row2(name: str, m: str, met: dict[str, Any], _train_s: Any) -> str:  # noqa: ANN401
         return (f"{name:10s} {m:28s} | {_f(met.get('regions_small')):>4s} "
                 f"{_f(met.get('pixel_auroc_in_defective_small')):>9s} {_f(met.get('recall_small')):>11s} | "
                 f"{_f(met.get('regions_large')):>4s} {_f(met.get('pixel_auroc_in_defective_large')):>9s} "
                 f"{_f(met.get('recall_large')):>11s}")
 
-    for name, d in result["datasets"].items():
-        for m in models:
-            e = d["models"].get(m, {})
-            if "metrics" in e:
-                lines.append(row2(name, m, e["metrics"]))
-    if any(d["real"] for d in result["datasets"].values()):
-        for m in models:
-            lines.append(row2("MEAN real", m, result["averages"][m]))
+    lines += _table_rows(result, models, row2, main=False)
     lines.append("")
     lines += verdict(result)
     return "\n".join(lines) + "\n"

@@ -20,12 +20,13 @@ that is missing, corrupt, foreign or of an unknown version raises `CheckpointErr
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,33 @@ def _to_jsonable(value: Any, where: str) -> Any:  # noqa: ANN401
     raise CheckpointError(f"{where}: {type(value).__name__} is not JSON-able")
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path, *, fsync: bool = True) -> Iterator[Path]:
+    """A temporary file beside ``path`` for the block to write; when the block succeeds it replaces
+    ``path`` in one rename (file and folder fsynced with ``fsync``), when it fails it is removed - a
+    reader never sees half a file. Used for checkpoints, ONNX exports and benchmark results."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:  # make the rename durable
+        with contextlib.suppress(OSError):
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+
 def save_checkpoint(
     path: str | Path,
     *,
@@ -118,28 +146,8 @@ def save_checkpoint(
         "metadata": json.dumps(meta, allow_nan=False, sort_keys=True),
         "state_dict": tensors,
     }
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename durable
-        dfd = os.open(p.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    with atomic_path(p) as tmp:
+        torch.save(payload, tmp)
     log.info("checkpoint_saved", path=str(p), kind=kind, tensors=len(tensors))
     return p
 

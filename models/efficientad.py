@@ -298,9 +298,24 @@ class AnomalyModel(nn.Module):
         self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
+    @staticmethod
+    def backbone_provenance(name: str, pretrained: bool, weights_path: str | Path | None) -> dict[str, Any]:
+        """What the checkpoint records about a frozen pretrained backbone (MSFlow, PatchCore)."""
+        return {"name": name, "pretrained": bool(pretrained), "random_weights": not pretrained,
+                "weights_path": str(weights_path) if weights_path is not None else None}
+
     @property
     def is_calibrated(self) -> bool:
         return bool(torch.isfinite(self.image_threshold)) and bool(torch.isfinite(self.pixel_threshold))
+
+    def normalize_input(self, x: Tensor) -> Tensor:
+        """uint8 (B,1|3,H,W) -> ImageNet-normalised float (B,3,H,W); float input is returned as is."""
+        if x.dtype != torch.uint8:
+            return x
+        x01 = x.to(self.input_mean.dtype) / 255.0
+        if x01.shape[1] == 1:
+            x01 = x01.expand(-1, 3, -1, -1)
+        return (x01 - self.input_mean) / self.input_std
 
     def thresholds(self) -> dict[str, float]:
         """Calibrated thresholds as Python floats (exactly the float32 buffer values)."""
@@ -403,10 +418,6 @@ class EfficientAD(AnomalyModel):
     q_st_end: Tensor
     q_ae_start: Tensor
     q_ae_end: Tensor
-    image_threshold: Tensor
-    pixel_threshold: Tensor
-    input_mean: Tensor
-    input_std: Tensor
 
     def __init__(
         self,
@@ -482,15 +493,6 @@ class EfficientAD(AnomalyModel):
 
 
     # -- inference ---------------------------------------------------------------------------------
-
-    def normalize_input(self, x: Tensor) -> Tensor:
-        """uint8 (B,1|3,H,W) -> ImageNet-normalised float (B,3,H,W); float input is returned as is."""
-        if x.dtype != torch.uint8:
-            return x
-        x01 = x.to(self.input_mean.dtype) / 255.0
-        if x01.shape[1] == 1:
-            x01 = x01.expand(-1, 3, -1, -1)
-        return (x01 - self.input_mean) / self.input_std
 
     def teacher_features(self, x: Tensor) -> Tensor:
         """Normalised teacher output for a normalised input."""

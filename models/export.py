@@ -33,8 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -47,7 +45,7 @@ import structlog
 import torch
 from torch import Tensor, nn
 
-from knitwatch.models.checkpoint import Checkpoint, build_model, load_checkpoint
+from knitwatch.models.checkpoint import Checkpoint, atomic_path, build_model, load_checkpoint
 
 log = structlog.get_logger(__name__)
 
@@ -163,24 +161,6 @@ class ExportReport:
         }
 
 
-def _write_atomic_proto(proto: Any, out: Path) -> None:  # noqa: ANN401 - onnx.ModelProto
-    onnx = _require("onnx")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        onnx.save_model(proto, tmp, save_as_external_data=False)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def export_module(
     model: nn.Module,
     out: str | Path,
@@ -235,7 +215,8 @@ def export_module(
         prop = proto.metadata_props.add()
         prop.key, prop.value = _META_PREFIX + k, v
     proto.producer_name = "knitwatch"
-    _write_atomic_proto(proto, out)
+    with atomic_path(out) as tmp:
+        _require("onnx").save_model(proto, str(tmp), save_as_external_data=False)
     return out
 
 

@@ -419,10 +419,6 @@ class MSFlow(AnomalyModel):
 
     map_loc: Tensor
     map_spread: Tensor
-    image_threshold: Tensor
-    pixel_threshold: Tensor
-    input_mean: Tensor
-    input_std: Tensor
 
     def __init__(
         self,
@@ -477,12 +473,7 @@ class MSFlow(AnomalyModel):
         # checkpoint's provenance by `save_model`.
         self.provenance: dict[str, Any] = {}
         if not _weights_from_checkpoint:
-            self.provenance["backbone"] = {
-                "name": backbone,
-                "pretrained": bool(pretrained),
-                "random_weights": not pretrained,
-                "weights_path": str(weights_path) if weights_path is not None else None,
-            }
+            self.provenance["backbone"] = self.backbone_provenance(backbone, pretrained, weights_path)
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -520,15 +511,6 @@ class MSFlow(AnomalyModel):
         return [p for p in self.flows.parameters() if p.requires_grad]
 
     # -- computation -------------------------------------------------------------------------------
-
-    def normalize_input(self, x: Tensor) -> Tensor:
-        """uint8 (B,1|3,H,W) -> ImageNet-normalised float (B,3,H,W); float input is returned as is."""
-        if x.dtype != torch.uint8:
-            return x
-        x01 = x.to(self.input_mean.dtype) / 255.0
-        if x01.shape[1] == 1:
-            x01 = x01.expand(-1, 3, -1, -1)
-        return (x01 - self.input_mean) / self.input_std
 
     def extract(self, x: Tensor) -> list[Tensor]:
         """Raw (un-standardised) pooled features of a normalised input, under no_grad."""

@@ -36,8 +36,8 @@ from torch import Tensor
 
 from knitwatch.models.backbones import LEVEL_CHANNELS, LITE0, FrozenBackbone
 from knitwatch.models.checkpoint import Checkpoint
-from knitwatch.models.efficientad import MAX_QUANTILE_VALUES, AnomalyModel, tiles_to_tensor
-from knitwatch.models.train import calibrate_f1_threshold, quantile_threshold, split_indices, subsample
+from knitwatch.models.efficientad import MAX_QUANTILE_VALUES, AnomalyModel
+from knitwatch.models.train import apply_f1_threshold, quantile_threshold, split_training_tiles, subsample
 
 log = structlog.get_logger(__name__)
 
@@ -156,10 +156,6 @@ class PatchCore(AnomalyModel):
     """
 
     memory_bank: Tensor
-    image_threshold: Tensor
-    pixel_threshold: Tensor
-    input_mean: Tensor
-    input_std: Tensor
 
     def __init__(
         self,
@@ -191,12 +187,7 @@ class PatchCore(AnomalyModel):
         self._register_common_buffers()
         self.provenance: dict[str, Any] = {}
         if not _weights_from_checkpoint:
-            self.provenance["backbone"] = {
-                "name": LITE0,
-                "pretrained": bool(pretrained),
-                "random_weights": not pretrained,
-                "weights_path": str(weights_path) if weights_path is not None else None,
-            }
+            self.provenance["backbone"] = self.backbone_provenance(LITE0, pretrained, weights_path)
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -226,15 +217,6 @@ class PatchCore(AnomalyModel):
         self.memory_bank = bank.detach().float().contiguous().to(self.input_mean.device)
 
     # -- computation -------------------------------------------------------------------------------
-
-    def normalize_input(self, x: Tensor) -> Tensor:
-        """uint8 (B,1|3,H,W) -> ImageNet-normalised float (B,3,H,W); float input is returned as is."""
-        if x.dtype != torch.uint8:
-            return x
-        x01 = x.to(self.input_mean.dtype) / 255.0
-        if x01.shape[1] == 1:
-            x01 = x01.expand(-1, 3, -1, -1)
-        return (x01 - self.input_mean) / self.input_std
 
     @torch.no_grad()
     def embed(self, x: Tensor) -> Tensor:
@@ -308,17 +290,10 @@ def fit_patchcore(
     if not 0.0 < coreset_ratio <= 1.0:
         raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
     dev = torch.device(device)
-    tiles = tiles_to_tensor(train_tiles)
-    if tiles.dtype != torch.uint8:
-        raise ValueError("train_tiles must be uint8")
-    n, _, h, w = tiles.shape
-    if h != w:
-        raise ValueError(f"tiles must be square, got {h}x{w}")
-    tr_idx, val_idx = split_indices(n, val_fraction, seed)
+    tiles, tr_idx, val_idx = split_training_tiles(train_tiles, val_fraction, seed, "thresholds")
+    h = tiles.shape[-1]
     train_set = tiles[tr_idx]
     val_set = tiles[val_idx] if val_idx.numel() else train_set
-    if not val_idx.numel():
-        log.warning("no_validation_split", msg="thresholds calibrated on the training tiles")
 
     model = PatchCore(h, 0, sigma=sigma, weights_path=weights_path, pretrained=pretrained).to(dev).eval()
     feats = []
@@ -362,14 +337,7 @@ def fit_patchcore(
                  "threshold_margin": threshold_margin},
     }
     if calib_tiles is not None:
-        if calib_labels is None:
-            raise ValueError("calib_tiles needs calib_labels")
-        _, cs = model.predict(calib_tiles, batch_size=batch_size)
-        thr, f1 = calibrate_f1_threshold(cs, np.asarray(calib_labels))
-        model.image_threshold.fill_(thr)
-        cal["image_threshold"] = float(model.image_threshold)
-        cal["rule"]["image"] = "best F1 on labelled calibration tiles"
-        cal["calib_f1"] = f1
+        apply_f1_threshold(model, cal, calib_tiles, calib_labels, batch_size=batch_size)
     model.provenance.update(
         {
             "trainer": "knitwatch.models.patchcore.fit_patchcore",

@@ -98,6 +98,24 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tenso
     return perm[n_val:], perm[:n_val]
 
 
+def split_training_tiles(train_tiles: np.ndarray | Tensor, val_fraction: float, seed: int,
+                         calibrated: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Square uint8 training tiles -> (NCHW tensor, training indices, held-out validation indices).
+
+    Without a validation split (``val_fraction`` 0) it warns that ``calibrated`` (what the held-out
+    tiles would have calibrated) comes from the training tiles: the caller then uses those."""
+    tiles = tiles_to_tensor(train_tiles)
+    if tiles.dtype != torch.uint8:
+        raise ValueError("train_tiles must be uint8")
+    _, _, h, w = tiles.shape
+    if h != w:
+        raise ValueError(f"tiles must be square, got {h}x{w}")
+    tr_idx, val_idx = split_indices(len(tiles), val_fraction, seed)
+    if not val_idx.numel():
+        log.warning("no_validation_split", msg=f"{calibrated} calibrated on the training tiles")
+    return tiles, tr_idx, val_idx
+
+
 def _prep(batch_u8: Tensor, device: torch.device) -> Tensor:
     return imagenet_normalize(to_unit_rgb(batch_u8.to(device, non_blocking=True)))
 
@@ -252,17 +270,10 @@ def train_efficientad(
     t0 = time.monotonic()
     sz = normalize_size(size)
     dev = torch.device(device)
-    tiles = tiles_to_tensor(train_tiles)
-    if tiles.dtype != torch.uint8:
-        raise ValueError("train_tiles must be uint8")
-    n, _, h, w = tiles.shape
-    if h != w:
-        raise ValueError(f"tiles must be square, got {h}x{w}")
-    tr_idx, val_idx = split_indices(n, val_fraction, seed)
+    tiles, tr_idx, val_idx = split_training_tiles(train_tiles, val_fraction, seed, "quantiles and thresholds")
+    h = tiles.shape[-1]
     train_set = tiles[tr_idx]
     val_set = tiles[val_idx] if val_idx.numel() else train_set
-    if not val_idx.numel():
-        log.warning("no_validation_split", msg="quantiles and thresholds calibrated on the training tiles")
     pen = tiles_to_tensor(penalty_tiles) if penalty_tiles is not None else None
     if pen is not None and pen.shape[-2:] != tiles.shape[-2:]:
         raise ValueError("penalty tiles must have the training tiles' size")

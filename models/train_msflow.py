@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from knitwatch.models.backbones import default_backbone
-from knitwatch.models.efficientad import MAX_QUANTILE_VALUES, ChannelStats, tiles_to_tensor
+from knitwatch.models.efficientad import MAX_QUANTILE_VALUES, ChannelStats
 from knitwatch.models.msflow import (
     DEFAULT_CLAMP,
     DEFAULT_FLOW_BLOCKS,
@@ -35,7 +35,7 @@ from knitwatch.models.msflow import (
     nll_loss,
     scale_nll_maps,
 )
-from knitwatch.models.train import apply_f1_threshold, quantile_threshold, split_indices, subsample
+from knitwatch.models.train import apply_f1_threshold, quantile_threshold, split_training_tiles, subsample
 
 log = structlog.get_logger(__name__)
 
@@ -238,13 +238,8 @@ def train_msflow(
 
     t0 = time.monotonic()
     dev = torch.device(device)
-    tiles = tiles_to_tensor(train_tiles)
-    if tiles.dtype != torch.uint8:
-        raise ValueError("train_tiles must be uint8")
-    n, _, h, w = tiles.shape
-    if h != w:
-        raise ValueError(f"tiles must be square, got {h}x{w}")
-    tr_idx, val_idx = split_indices(n, val_fraction, seed)
+    tiles, tr_idx, val_idx = split_training_tiles(train_tiles, val_fraction, seed, "map statistics and thresholds")
+    h = tiles.shape[-1]
     bb = backbone or default_backbone()
 
     torch.manual_seed(seed)
@@ -269,8 +264,6 @@ def train_msflow(
     train_cache = [c[tr_idx] for c in cache]
     val_cache = [c[val_idx] for c in cache] if val_idx.numel() else train_cache
     del cache
-    if not val_idx.numel():
-        log.warning("no_validation_split", msg="map statistics and thresholds calibrated on the training tiles")
     extract_s = time.monotonic() - t_ext
     means, stds = feature_statistics(train_cache)
     model.set_feature_stats([m.to(dev) for m in means], [s.to(dev) for s in stds])

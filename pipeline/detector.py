@@ -28,7 +28,7 @@ import numpy as np
 import structlog
 import torch
 
-from knitwatch.models.checkpoint import build_model, load_checkpoint
+from knitwatch.models.checkpoint import CheckpointError, build_model, load_checkpoint
 
 log = structlog.get_logger(__name__)
 
@@ -233,9 +233,10 @@ def load_detector(path: str | Path, device: str = "auto", backend: str = "auto")
         if not onnxruntime_installed():
             log.info("backend auto: torch (ONNX Runtime not installed: pip install 'knitwatch[onnx]')")
             return load_detector(path, device, "torch")
-        load_checkpoint(path)  # a bad checkpoint is reported as such, not as an ONNX problem
         try:
             return load_detector(path, device, "onnxruntime")
+        except CheckpointError:
+            raise  # a bad checkpoint is reported as such, not as an ONNX problem
         except Exception as e:  # noqa: BLE001 - any exporter/runtime failure: PyTorch still runs the model
             log.warning("backend auto: ONNX Runtime failed, using torch", error=f"{type(e).__name__}: {e}")
             return load_detector(path, device, "torch")
