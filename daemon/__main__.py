@@ -1,3 +1,3 @@
-from knitwatch.daemon.cli import run
+from knitwatch.daemon.cli.main import run
 
 run()

@@ -6,7 +6,7 @@ warmed up its model (then ``READY=1``), so no frame is captured that nobody can 
 order (SIGTERM/SIGINT): capture, tiler, infer, alert - each stage drains what is in flight within
 ``drain_s`` before the next one is asked to stop; what does not stop in time is killed.
 
-The HTTP API and web page (:mod:`knitwatch.daemon.api`) run in a thread of this process: they read
+The HTTP API and web page (:mod:`knitwatch.daemon.api.app`) run in a thread of this process: they read
 the stats snapshot and the health computed by the main loop (never the processes themselves) and the
 store; the main loop stays the only one that touches the stage processes.
 """
@@ -130,7 +130,7 @@ class Supervisor:
         self.snapshot: dict[str, Any] = {}
         self._health: dict[str, Any] = {"healthy": False, "ready": False, "stopping": False, "stages": {}}
         self.gpu = GpuTelemetry()
-        self.api: Any = None  # knitwatch.daemon.api.ApiServer while serving
+        self.api: Any = None  # knitwatch.daemon.api.app.ApiServer while serving
         self._totals: dict[tuple[str, str], Counter] = collections.defaultdict(Counter)
         self._window: collections.deque = collections.deque(maxlen=12)  # (t, {cam: (captured, inspected)})
 
@@ -345,7 +345,7 @@ class Supervisor:
         if not self.settings.api.enabled:
             return
         try:
-            from knitwatch.daemon.api import ApiError, start_api
+            from knitwatch.daemon.api.app import ApiError, start_api
         except ImportError as e:
             log.error("HTTP API not started: a package is missing", error=str(e))
             return

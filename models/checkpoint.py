@@ -206,10 +206,10 @@ Builder = Callable[[Checkpoint], nn.Module]
 _BUILDERS: dict[str, Builder] = {}
 # Kinds whose builder lives in a module that registers it lazily (imported on first use).
 _BUILTIN_KINDS: dict[str, tuple[str, str]] = {
-    "efficientad-s": ("knitwatch.models.efficientad", "build_efficientad_from_checkpoint"),
-    "efficientad-m": ("knitwatch.models.efficientad", "build_efficientad_from_checkpoint"),
-    "patchcore": ("knitwatch.models.patchcore", "build_patchcore_from_checkpoint"),
-    **{f"msflow-{b}": ("knitwatch.models.msflow", "build_msflow_from_checkpoint") for b in ("efficientnet-lite0", "resnet18", "resnet34", "wide_resnet50_2")},  # noqa: E501
+    "efficientad-s": ("knitwatch.models.efficientad.model", "build_efficientad_from_checkpoint"),
+    "efficientad-m": ("knitwatch.models.efficientad.model", "build_efficientad_from_checkpoint"),
+    "patchcore": ("knitwatch.models.patchcore.model", "build_patchcore_from_checkpoint"),
+    **{f"msflow-{b}": ("knitwatch.models.msflow.model", "build_msflow_from_checkpoint") for b in ("efficientnet-lite0", "resnet18", "resnet34", "wide_resnet50_2")},  # noqa: E501
 }
 
 

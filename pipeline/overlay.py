@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from knitwatch.pipeline.decision import Region
+from knitwatch.pipeline.decision.regions import Region
 
 _BOX = (0, 255, 255)  # yellow (BGR)
 _CONTOUR = (0, 0, 255)  # red

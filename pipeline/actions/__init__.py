@@ -9,7 +9,7 @@ import structlog
 
 from knitwatch.pipeline.actions.base import ActionError, BrokenDriver, Driver, Job, LogDriver, event_env
 from knitwatch.pipeline.actions.runner import ActionRunner
-from knitwatch.pipeline.store import Store
+from knitwatch.pipeline.store.database import Store
 
 log = structlog.get_logger(__name__)
 

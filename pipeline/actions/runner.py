@@ -35,7 +35,7 @@ import numpy as np
 import structlog
 
 from knitwatch.pipeline.actions.base import ActionError, Driver, Job, event_env
-from knitwatch.pipeline.store import Store, StoreError, iso_utc
+from knitwatch.pipeline.store.database import Store, StoreError, iso_utc
 
 log = structlog.get_logger(__name__)
 

@@ -29,11 +29,11 @@ import zmq
 
 from knitwatch.config.settings import AlertConfig, PlcConfig
 from knitwatch.pipeline.actions import Job, build_runner, event_env
-from knitwatch.pipeline.decision import Confirmation, FrameDecision, find_regions
+from knitwatch.pipeline.decision.regions import Confirmation, FrameDecision, find_regions
+from knitwatch.pipeline.decision.severity import RANK, Severity, SeverityClass, classify
 from knitwatch.pipeline.overlay import region_mask, render_overlay, thumbnail
-from knitwatch.pipeline.severity import RANK, Severity, SeverityClass, classify
 from knitwatch.pipeline.stages.common import Stage, percentiles
-from knitwatch.pipeline.store import Store, StoreError, iso_utc
+from knitwatch.pipeline.store.database import Store, StoreError, iso_utc
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,7 @@ import torch
 import zmq
 
 from knitwatch.pipeline import wire
-from knitwatch.pipeline.decision import frame_score
+from knitwatch.pipeline.decision.regions import frame_score
 from knitwatch.pipeline.detector import Detector, load_detector
 from knitwatch.pipeline.preprocess import TileGrid, stitch
 from knitwatch.pipeline.stages.common import Stage, percentiles

@@ -1,0 +1,295 @@
+"""Action drivers and the action runner against real parts: a pymodbus TCP server on loopback as the
+PLC, a real OPC UA server (when asyncua is installed), real subprocesses for the command driver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from knitwatch.pipeline.actions import ActionError, ActionRunner, BrokenDriver, Job, LogDriver, build_driver, event_env
+from knitwatch.pipeline.actions.command import CommandDriver
+from knitwatch.pipeline.actions.modbus import ModbusDriver
+from knitwatch.pipeline.decision.regions import Region
+from knitwatch.pipeline.decision.severity import SeverityClass, classify
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 5.0, interval: float = 0.002) -> float:
+    """Seconds until ``pred()`` is true; AssertionError after ``timeout``."""
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+    return time.monotonic() - t0
+
+
+class ModbusPlc:
+    """A real pymodbus Modbus TCP server on loopback (in a thread) standing in for the machine's PLC:
+    32 coils, 32 holding registers, all zero at start (like a PLC after power-up)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> ModbusPlc:
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        ready = threading.Event()
+        self.loop = asyncio.new_event_loop()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self.loop)
+
+            async def main() -> None:
+                bits = [SimData(0, count=32, values=False, datatype=DataType.BITS)]
+                regs = [SimData(0, count=32, values=0, datatype=DataType.REGISTERS)]
+                device = SimDevice(id=0, simdata=(bits, list(bits), regs, list(regs)))
+                self.server = ModbusTcpServer(device, address=("127.0.0.1", self.port))
+                await self.server.serve_forever(background=True)
+                ready.set()
+                await self.server.serving
+
+            self.loop.run_until_complete(main())
+
+        self.thread = threading.Thread(target=serve, daemon=True)
+        self.thread.start()
+        assert ready.wait(10), "the Modbus server did not start"
+        return self
+
+    def _get(self, func_code: int, address: int) -> int:
+        fut = asyncio.run_coroutine_threadsafe(self.server.async_getValues(1, func_code, address, 1), self.loop)
+        return int(fut.result(5)[0])
+
+    def coil(self, address: int) -> bool:
+        return bool(self._get(1, address))
+
+    def register(self, address: int) -> int:
+        return self._get(3, address)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(5)
+            self.thread.join(5)
+            self.server = None
+
+
+@pytest.fixture
+def plc():
+    p = ModbusPlc().start()
+    yield p
+    p.stop()
+
+
+def sample(fn: Callable[[], object], seconds: float, interval: float = 0.02) -> list[object]:
+    out = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        out.append(fn())
+        time.sleep(interval)
+    return out
+
+
+def test_severity_classes() -> None:
+    classes = [SeverityClass("major", "stop", min_area_px=200), SeverityClass("intense", "stop", min_peak_ratio=2.0),
+               SeverityClass("minor", "alarm")]
+    small = Region((0, 0, 5, 5), 25, 1.2)
+    big = Region((0, 0, 20, 20), 400, 1.1)
+    hot = Region((0, 0, 5, 5), 25, 2.5)
+    assert classify([small], 1.0, classes).name == "minor"
+    assert classify([small, big], 1.0, classes).name == "major"
+    assert classify([hot], 1.0, classes).action == "stop"
+    assert classify([hot], 2.0, classes).name == "minor"  # the ratio is to the image threshold
+    assert classify([small], 1.0, classes[:2]).action == "log"  # no class: only logged
+    with pytest.raises(ValueError):
+        SeverityClass.from_dict({"name": "x", "action": "explode"})
+
+
+def test_modbus_driver_writes_reads_back_and_beats(plc: ModbusPlc) -> None:
+    d = ModbusDriver("127.0.0.1", plc.port, stop_address=3, alarm_address=4, heartbeat_address=5)
+    assert d.set_outputs(True, False)["read_back"]
+    assert plc.coil(3) and plc.coil(4)
+    assert d.read_outputs() == (True, True)
+    d.heartbeat(1)
+    assert plc.coil(5)
+    d.heartbeat(2)
+    assert not plc.coil(5)
+    d.set_outputs(False, True)
+    assert not plc.coil(3) and plc.coil(4)
+    d.set_outputs(False, False)
+    assert not plc.coil(4)
+
+    r = ModbusDriver("127.0.0.1", plc.port, output="register", stop_address=10, heartbeat_address=11, stop_value=7)
+    r.set_outputs(True, True)
+    assert plc.register(10) == 7 and r.read_outputs() == (True, True)
+    r.heartbeat(300)
+    assert plc.register(11) == 300
+    r.set_outputs(False, False)
+    assert plc.register(10) == 0
+
+    with pytest.raises(ActionError, match="refused"):
+        ModbusDriver("127.0.0.1", plc.port, stop_address=100).set_outputs(True, False)  # no such coil
+    plc.stop()
+    with pytest.raises(ActionError):
+        d.set_outputs(True, False)
+    d.close()
+    r.close()
+
+
+def test_runner_retries_until_the_plc_comes_up_and_keeps_the_latch(tmp_path: Path) -> None:
+    port = free_port()
+    driver = ModbusDriver("127.0.0.1", port, stop_address=0, heartbeat_address=1, timeout_s=0.5)
+    runner = ActionRunner(driver, heartbeat_s=0.1, heartbeat_idle_s=0, retry_initial_s=0.05, retry_max_s=0.2).start()
+    plc = None
+    try:
+        runner.submit(Job("event", "stop", "c", event_id=1))
+        wait_for(lambda: runner.stats()["failures"] >= 3)
+        s = runner.stats()
+        assert s["pending"] == 1 and not s["plc_connected"] and s["latched"] and "cannot connect" in s["last_error"]
+        assert s["retry_in_s"] <= 0.2 + 1e-6  # the back-off is capped at retry_max_s
+        plc = ModbusPlc(port).start()
+        wait_for(lambda: plc.coil(0), timeout=10)
+        wait_for(lambda: runner.stats()["pending"] == 0 and runner.stats()["plc_connected"])
+        beats = sample(lambda: plc.coil(1), 0.6)
+        assert True in beats and False in beats  # the heartbeat toggles
+
+        plc.stop()  # the PLC restarts and forgets its coils: the stop lands again
+        plc = ModbusPlc(port).start()
+        wait_for(lambda: plc.coil(0), timeout=3)
+        assert runner.stats().get("outputs_rewritten", 0) + runner.stats()["failures"] >= 1
+
+        runner.acknowledge("anna", note="hole mended")
+        wait_for(lambda: not plc.coil(0), timeout=3)
+        wait_for(lambda: runner.stats()["pending"] == 0)
+        s = runner.stats()
+        assert not s["latched"] and s["acks"] == 1 and s["confirmed"] >= 2
+    finally:
+        runner.stop(flush_s=0.5)
+    beats = sample(lambda: plc.coil(1), 0.4)
+    assert len(set(beats)) == 1  # knitwatch gone: the heartbeat stands still, the PLC fails safe
+    plc.stop()
+
+
+RELAY = textwrap.dedent("""
+    import json, os, pathlib, sys
+    out = pathlib.Path(sys.argv[1])
+    marker = out / "failed-once"
+    if not marker.exists():
+        marker.write_text("x")
+        sys.stderr.write("relay busy")
+        sys.exit(3)
+    n = len(list(out.glob("call-*.json")))
+    env = {k: v for k, v in os.environ.items() if k.startswith("KNITWATCH_")}
+    (out / "call.tmp").write_text(json.dumps(env))
+    (out / "call.tmp").rename(out / f"call-{n}.json")
+""")
+
+
+def test_command_driver_runs_a_program_with_the_event_in_its_environment(tmp_path: Path) -> None:
+    script = tmp_path / "relay.py"
+    script.write_text(RELAY)
+    runner = ActionRunner(CommandDriver([sys.executable, str(script), str(tmp_path)]), retry_initial_s=0.05).start()
+    try:
+        record = {"event_id": 42, "camera": "cam0", "severity": "major", "action": "stop", "image_score": 2.5,
+                  "seq": 17, "time": "2026-01-01T00:00:00.000Z", "t_wall_ns": 1767225600000000000,
+                  "regions": [{"bbox": [1, 2, 30, 40], "area": 300, "peak": 2.5}, {"bbox": [0, 0, 2, 2], "area": 4,
+                                                                                     "peak": 1.1}],
+                  "event_dir": "/var/lib/knitwatch/events/2026-01-01/00000042"}
+        runner.submit(Job("event", "stop", "cam0", event_id=42, env=event_env(record)))
+        wait_for(lambda: (tmp_path / "call-0.json").exists(), timeout=10)
+        env = json.loads((tmp_path / "call-0.json").read_text())
+        assert env["KNITWATCH_EVENT_ID"] == "42" and env["KNITWATCH_CAMERA"] == "cam0"
+        assert env["KNITWATCH_SEVERITY"] == "major" and env["KNITWATCH_ACTION"] == "stop"
+        assert float(env["KNITWATCH_SCORE"]) == 2.5 and env["KNITWATCH_SEQ"] == "17"
+        assert env["KNITWATCH_AREA_PX"] == "300" and env["KNITWATCH_BBOX"] == "1,2,30,40"
+        assert env["KNITWATCH_REGIONS"] == "2" and env["KNITWATCH_LATCHED"] == "1"
+        assert env["KNITWATCH_EVENT_DIR"].endswith("00000042") and env["KNITWATCH_TIME"].startswith("2026")
+        wait_for(lambda: runner.stats()["pending"] == 0)
+        s = runner.stats()
+        assert s["failures"] == 1 and "exited with code 3: relay busy" in s["last_error"]
+
+        runner.acknowledge("bob", note="checked")
+        wait_for(lambda: (tmp_path / "call-1.json").exists(), timeout=10)
+        env = json.loads((tmp_path / "call-1.json").read_text())
+        assert env["KNITWATCH_ACTION"] == "ack" and env["KNITWATCH_ACK_BY"] == "bob"
+        assert env["KNITWATCH_ACK_NOTE"] == "checked" and env["KNITWATCH_LATCHED"] == "0"
+    finally:
+        runner.stop()
+
+    broken = ActionRunner(CommandDriver(["/nonexistent/relay"]), retry_initial_s=0.05, retry_max_s=0.1).start()
+    try:
+        broken.submit(Job("event", "alarm", "cam0", event_id=1))
+        wait_for(lambda: broken.stats()["failures"] >= 2)
+        assert "cannot run command" in broken.stats()["last_error"] and broken.stats()["pending"] == 1
+    finally:
+        broken.stop(flush_s=0)
+
+
+def test_log_driver_and_a_driver_that_cannot_load() -> None:
+    runner = ActionRunner(LogDriver()).start()
+    try:
+        runner.submit(Job("event", "stop", "c", event_id=-1))
+        wait_for(lambda: runner.stats().get("confirmed") == 1)
+        assert runner.stats()["latched"] and runner.stats()["plc_connected"]
+    finally:
+        runner.stop()
+    broken = ActionRunner(BrokenDriver("opcua", "asyncua missing"), retry_initial_s=0.05, retry_max_s=0.1).start()
+    try:
+        assert broken.submit(Job("event", "stop", "c", event_id=-1))  # never blocks
+        wait_for(lambda: broken.stats()["failures"] >= 2)
+        assert broken.stats()["last_error"] == "asyncua missing" and broken.stats()["pending"] == 1
+    finally:
+        broken.stop(flush_s=0)
+    with pytest.raises(ValueError):
+        build_driver({"driver": "carrier-pigeon"})
+
+
+def test_opcua_driver_writes_nodes(tmp_path: Path) -> None:
+    pytest.importorskip("asyncua")
+    from asyncua import ua
+    from asyncua.sync import Server
+
+    port = free_port()
+    server = Server()
+    server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/knitwatch/")
+    idx = server.register_namespace("urn:knitwatch:test")
+    obj = server.nodes.objects.add_object(idx, "Machine")
+    nodes = {}
+    for name in ("Stop", "Alarm", "Heartbeat"):
+        nodes[name] = obj.add_variable(ua.NodeId(name, idx), name, False, ua.VariantType.Boolean)
+        nodes[name].set_writable()
+    server.start()
+    driver = build_driver({"driver": "opcua", "opcua_url": f"opc.tcp://127.0.0.1:{port}/knitwatch/",
+                           "opcua_stop_node": f"ns={idx};s=Stop", "opcua_alarm_node": f"ns={idx};s=Alarm",
+                           "opcua_heartbeat_node": f"ns={idx};s=Heartbeat", "timeout_s": 2.0})
+    try:
+        driver.set_outputs(True, False)
+        assert nodes["Stop"].read_value() is True and nodes["Alarm"].read_value() is True
+        assert driver.read_outputs() == (True, True)
+        driver.heartbeat(1)
+        assert nodes["Heartbeat"].read_value() is True
+        driver.set_outputs(False, False)
+        assert nodes["Stop"].read_value() is False
+    finally:
+        driver.close()
+        server.stop()
+    with pytest.raises(ActionError):
+        driver.set_outputs(True, False)  # server gone
+    driver.shutdown()

@@ -1,0 +1,219 @@
+"""The alert stage as a real process, fed real result messages over ZeroMQ, stopping a machine whose
+PLC is a real pymodbus TCP server on loopback; events in a real store; acknowledges through the real
+``knitwatch ack`` command and the store's Python API."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from knitwatch.pipeline import wire
+from knitwatch.pipeline.store.database import FILE_KINDS, Store
+from tests.helpers.stages import StageUnderTest
+from tests.integration.test_actions import ModbusPlc, free_port, sample, wait_for
+
+CAM = {"id": "c", "roi": None, "pixel_threshold": None}
+ALERT = {"confirm_k": 2, "confirm_n": 3, "min_area_px": 4, "cooldown_frames": 10, "image_threshold": None,
+         "pixel_threshold": None,
+         "severity": [{"name": "major", "action": "stop", "min_area_px": 50}, {"name": "minor", "action": "alarm"}]}
+H, W = 480, 640
+
+
+def plc_cfg(port: int, **kw: object) -> dict:
+    return {"driver": "modbus", "host": "127.0.0.1", "port": port, "stop_address": 0, "heartbeat_address": 1,
+            "heartbeat_s": 0.1, "heartbeat_idle_s": 0, "retry_initial_s": 0.05, "retry_max_s": 0.3, "timeout_s": 0.5,
+            **kw}
+
+
+class Alert:
+    """A running alert stage and a PUSH socket to feed it results."""
+
+    def __init__(self, run_dir: Path, store_dir: Path, plc: dict) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ep = f"ipc://{run_dir}/r.sock"
+        self.stage = StageUnderTest(run_dir, "knitwatch.pipeline.stages.alert", "alert", results_endpoint=ep,
+                                    thresholds={"image": 1.0, "pixel": 0.5}, alert=ALERT, cameras=[CAM], plc=plc,
+                                    store={"path": str(store_dir), "fsync": False},
+                                    model={"kind": "efficientad", "id": "ckpt-test-1"})
+        self.push = self.stage.socket(zmq.PUSH, ep, bind=False)
+        self.frame = np.random.default_rng(0).integers(60, 200, (H, W), dtype=np.uint8)
+
+    def send(self, seq: int, defect: bool, area: tuple[int, int] = (20, 30)) -> None:
+        amap = np.zeros((H, W), np.float32)
+        if defect:
+            amap[100 : 100 + area[0], 200 : 200 + area[1]] = 2.0
+        head = {"cam": "c", "seq": seq, "epoch": 1, "t_wall_ns": time.time_ns(), "t_mono_ns": time.monotonic_ns(),
+                "image_score": float(amap.max()), "tile_scores": [float(amap.max())]}
+        wire.send(self.push, "result", head, [amap, self.frame])
+
+    def stats(self, pred: object, timeout: float = 20.0) -> dict:
+        return self.stage.wait_stats(pred, timeout)
+
+
+def knitwatch_ack(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KNITWATCH_")}
+    return subprocess.run([sys.executable, "-m", "knitwatch.daemon", "--config", str(config), "ack", *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_confirmed_defect_stops_the_machine_and_ack_resets_it(tmp_path: Path) -> None:
+    plc = ModbusPlc().start()
+    store_dir = tmp_path / "store"
+    a = Alert(tmp_path / "run", store_dir, plc_cfg(plc.port))
+    try:
+        a.stats(lambda s: s.get("actions", {}).get("plc_connected"))
+        a.send(0, False)
+        a.send(1, True)  # one defective frame: not confirmed (2 of 3 needed)
+        a.stats(lambda s: s.get("inspected") == 2)
+        assert not plc.coil(0)
+        a.send(2, True)  # the second defective frame of three: confirmed, the stop lands (its latency is benchmarked)
+        wait_for(lambda: plc.coil(0), timeout=10, interval=0.0005)
+        s = a.stats(lambda s: s["actions"]["latched"] and s["actions"]["pending"] == 0)
+        assert s["cameras"]["c"]["events"] == 1 and s["actions"]["failures"] == 0
+
+        store = Store(store_dir, fsync=False)
+        wait_for(lambda: store.list_events()["total"] == 1 and store.list_events()["items"][0]["state"] == "complete"
+                 and store.list_events()["items"][0]["action_state"] == "confirmed")
+        ev = store.get_event(store.list_events()["items"][0]["id"])
+        rec = ev["record"]
+        assert ev["severity"] == "major" and ev["action"] == "stop" and ev["seq"] == 2 and ev["camera"] == "c"
+        assert rec["regions"][0]["bbox"] == [200, 100, 230, 120] and rec["regions"][0]["area"] == 600
+        assert rec["thresholds"]["image"] == 1.0 and rec["thresholds"]["confirm_k"] == 2
+        assert rec["model"]["id"] == "ckpt-test-1" and rec["frame_shape"] == [H, W]
+        action = rec["actions"][0]
+        assert action["confirmed"] and action["driver"] == "modbus" and action["read_back"]
+        lat = rec["latency_ms"]
+        assert 0 <= lat["capture_to_decision"] <= lat["capture_to_action"]
+        for kind in FILE_KINDS:
+            assert store.file_path(ev["id"], kind) is not None
+        import cv2
+
+        mask = cv2.imread(str(store.file_path(ev["id"], "mask")), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (H, W) and int((mask > 0).sum()) == 600
+        frame = cv2.imread(str(store.file_path(ev["id"], "frame")), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(frame, a.frame)
+
+        cfg = tmp_path / "k.toml"
+        cfg.write_text(f'[[cameras]]\nid = "c"\n[store]\npath = "{store_dir}"\nfsync = false\n')
+        r = knitwatch_ack(cfg, "--by", "anna", "--note", "hole mended", "--wait", "20")
+        assert r.returncode == 0, r.stderr
+        assert "acknowledge #1 by anna" in r.stdout and "outputs reset" in r.stdout
+        assert not plc.coil(0)
+        ack = store.get_ack(1)
+        assert ack["by"] == "anna" and ack["note"] == "hole mended" and ack["events_acked"] == 1 and ack["cleared"]
+        assert store.get_event(ev["id"])["acknowledged"]
+        a.stats(lambda s: not s["actions"]["latched"] and s["actions"].get("acks") == 1)
+        r = knitwatch_ack(cfg, "--camera", "nope")
+        assert r.returncode == 2 and "unknown camera" in r.stderr
+    finally:
+        assert a.stage.stop() == 0
+        plc.stop()
+
+
+def test_isolated_false_alarms_do_not_stop_and_the_heartbeat_follows_inspection(tmp_path: Path) -> None:
+    plc = ModbusPlc().start()
+    a = Alert(tmp_path / "run", tmp_path / "store", plc_cfg(plc.port, heartbeat_idle_s=1.0, alarm_address=2))
+    try:
+        a.stats(lambda s: s.get("actions", {}).get("plc_connected"))
+        for seq in range(12):  # every third frame defective: never 2 of the last 3
+            a.send(seq, seq % 3 == 0)
+            time.sleep(0.02)
+        s = a.stats(lambda s: s.get("inspected") == 12)
+        assert s["cameras"]["c"]["defect_frames"] == 4 and s["cameras"]["c"]["events"] == 0
+        beats = sample(lambda: plc.coil(1), 0.5)
+        assert True in beats and False in beats  # inspection runs: the heartbeat toggles
+        assert not any(sample(lambda: plc.coil(0), 0.2))
+        # no results for longer than heartbeat_idle_s: the heartbeat stops, the PLC can fail safe
+        a.stats(lambda s: s["actions"]["heartbeat_paused"], timeout=10)
+        assert len(set(sample(lambda: plc.coil(1), 0.4))) == 1
+        a.send(12, False)
+        a.stats(lambda s: not s["actions"]["heartbeat_paused"], timeout=10)
+        beats = sample(lambda: plc.coil(1), 0.4)
+        assert True in beats and False in beats
+        assert Store(tmp_path / "store").list_events()["total"] == 0
+
+        # a defect entering the view: small first (minor: alarm), then large within the cool-down (escalated: stop)
+        a.send(13, True, area=(3, 3))
+        a.send(14, True, area=(3, 3))
+        wait_for(lambda: plc.coil(2), timeout=5)
+        assert not plc.coil(0)
+        a.send(15, True)
+        wait_for(lambda: plc.coil(0), timeout=5)
+        s = a.stats(lambda s: s.get("inspected") == 16)
+        assert s["cameras"]["c"]["events"] == 1 and s["cameras"]["c"]["escalations"] == 1
+        store = Store(tmp_path / "store")
+        wait_for(lambda: store.list_events()["items"][0]["action_state"] == "confirmed")
+        (ev,) = store.list_events()["items"]
+        assert (ev["severity"], ev["action"], ev["seq"]) == ("major", "stop", 14)
+        rec = store.get_event(ev["id"])["record"]
+        assert rec["escalated"]["seq"] == 15 and [x["action"] for x in rec["actions"]] == ["alarm", "stop"]
+
+        # the same, but the alarm is acknowledged before the defect grows: the stop is a new event
+        a.send(40, True, area=(3, 3))
+        a.send(41, True, area=(3, 3))
+        wait_for(lambda: store.list_events()["total"] == 2)
+        store.request_ack("anna")
+        wait_for(lambda: not plc.coil(0) and not plc.coil(2), timeout=5)
+        a.send(42, True)
+        wait_for(lambda: plc.coil(0), timeout=5)
+        s = a.stats(lambda s: s.get("inspected") == 19)
+        assert s["cameras"]["c"]["events"] == 3 and s["cameras"]["c"]["escalations"] == 1
+        assert [(e["seq"], e["action"], e["acknowledged"]) for e in store.list_events()["items"]] == [
+            (42, "stop", False), (41, "alarm", True), (14, "stop", True)]
+    finally:
+        assert a.stage.stop() == 0
+        plc.stop()
+
+
+def test_stop_lands_when_the_plc_comes_up_and_survives_a_killed_inspector(tmp_path: Path) -> None:
+    port = free_port()  # nothing listens there yet: the PLC is down
+    store_dir = tmp_path / "store"
+    a = Alert(tmp_path / "run1", store_dir, plc_cfg(port))
+    plc = None
+    try:
+        for seq in range(3):
+            a.send(seq, True)
+        s = a.stats(lambda s: s.get("actions", {}).get("failures", 0) >= 3 and s["actions"]["pending"] >= 1)
+        assert s["cameras"]["c"]["events"] == 1 and not s["actions"]["plc_connected"]
+        assert "cannot connect" in s["actions"]["last_error"]
+        for seq in range(3, 8):  # inspection goes on while the PLC is down
+            a.send(seq, False)
+        a.stats(lambda s: s.get("inspected") == 8)
+        store = Store(store_dir, fsync=False)
+        ev = store.list_events()["items"][0]
+        assert ev["action_state"] == "pending"  # the row was committed before the action ran
+
+        plc = ModbusPlc(port).start()
+        t0 = time.monotonic()
+        wait_for(lambda: plc.coil(0), timeout=5)
+        assert time.monotonic() - t0 < 2.0
+        a.stats(lambda s: s["actions"]["pending"] == 0 and s["actions"]["plc_connected"])
+        wait_for(lambda: store.get_event(ev["id"])["action_state"] == "confirmed")
+        assert store.get_event(ev["id"])["record"]["actions"][0]["attempts"] >= 2
+
+        os.kill(a.stage.proc.pid, signal.SIGKILL)  # the inspector dies ...
+        a.stage.proc.join(5)
+        plc.stop()  # ... and the PLC restarts meanwhile (its coils come back 0)
+        plc = ModbusPlc(port).start()
+        assert not plc.coil(0)
+    finally:
+        a.stage.stop()
+
+    b = Alert(tmp_path / "run2", store_dir, plc_cfg(port))
+    try:
+        wait_for(lambda: plc.coil(0), timeout=20)  # the latch lives in the store: the stop is asserted again
+        s = b.stats(lambda s: s.get("actions", {}).get("latched_cameras", {}).get("stop") == ["c"])
+        ack_id = store.request_ack("api-user", camera="c", note="via the Python API")
+        wait_for(lambda: not plc.coil(0), timeout=5)
+        wait_for(lambda: (store.get_ack(ack_id) or {}).get("cleared") is not None)
+        b.stats(lambda s: not s["actions"]["latched"])
+    finally:
+        assert b.stage.stop() == 0
+        plc.stop()
