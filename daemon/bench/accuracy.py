@@ -3,7 +3,7 @@ PatchCore nearest-neighbour baseline, and print the table (issues 4 and 5).
 
 Datasets: each fabric of ``../shared/data/aitex-dev/`` that is present (woven line-scan strips with
 masks; skipped cleanly when the folder is absent) and a simulated knit dataset written with
-`knitwatch.pipeline.sources.knitsim.write_synth_dataset`. Per dataset and model:
+`knitwatch.pipeline.offline.synth.write_synth_dataset`. Per dataset and model:
 
 1. tiles of the ``train/good`` images with the one preprocessing path
    (`knitwatch.pipeline.offline.dataset.build_dataset`; tile size and downscale per model, printed);
@@ -562,7 +562,8 @@ def run_benchmark(
     for name in names:
         specs.append(DatasetSpec(name, aitex / name, settings.aitex_scale, settings.aitex_cell, True))
     if sim:
-        from knitwatch.pipeline.sources.knitsim import FabricSpec, write_synth_dataset
+        from knitwatch.pipeline.offline.synth import write_synth_dataset
+        from knitwatch.pipeline.sources.knitsim import FabricSpec
 
         src = out / "knitsim-data"
         log.info("bench: writing the simulated knit dataset", out=str(src), normal=settings.sim_normal,

@@ -15,7 +15,8 @@ log = structlog.get_logger(__name__)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from knitwatch.pipeline.sources.knitsim import DEFECT_KINDS, FabricSpec, write_synth_dataset
+    from knitwatch.pipeline.offline.synth import write_synth_dataset
+    from knitwatch.pipeline.sources.knitsim import DEFECT_KINDS, FabricSpec
 
     kinds = args.defects.split(",") if args.defects else list(DEFECT_KINDS)
     unknown = [k for k in kinds if k not in DEFECT_KINDS]

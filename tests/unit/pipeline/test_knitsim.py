@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from knitwatch.pipeline.offline.synth import write_synth_dataset
 from knitwatch.pipeline.sources.knitsim import (
     DEFECT_KINDS,
     TEXTURES,
@@ -19,7 +20,6 @@ from knitwatch.pipeline.sources.knitsim import (
     measure_stream_rate,
     render_fabric,
     render_sample,
-    write_synth_dataset,
 )
 
 # a small stream: circumference 16 * 20 = 320 px, a 96 px wide view
