@@ -56,8 +56,10 @@ def sd_notify(message: str) -> bool:
         return False
 
 
-def _child(module: str, name: str, kwargs: dict, log_level: str, log_format: str) -> None:
-    """Entry point of every stage process (spawned)."""
+def run_stage(module: str, name: str, kwargs: dict, log_level: str, log_format: str) -> None:
+    """Run one stage in this process, as every stage process does (the target of the processes the
+    supervisor spawns): logging for ``name``, then ``module``'s ``run(name=name, **kwargs)``; exits
+    with its return code, 1 (and the traceback logged) when it raises."""
     setup_logging(name, level=log_level, fmt=log_format)
     try:
         rc = importlib.import_module(module).run(name=name, **kwargs)
@@ -145,37 +147,35 @@ class Supervisor:
 
     # ------------------------------------------------------------------ stages
     def specs(self) -> list[StageSpec]:
+        """The stage processes and their arguments: the settings' sections themselves (pydantic models
+        pickle, so a spawned stage gets the same typed objects)."""
         s = self.settings
         ep = self.endpoints
-        cams = [c.model_dump(mode="json") for c in s.cameras]
         out = [
             StageSpec("alert", "alert", "knitwatch.pipeline.stages.alert", {
                 "results_endpoint": ep["results"], "thresholds": self.ckpt["thresholds"],
-                "alert": s.alert.model_dump(mode="json"), "cameras": cams,
-                "decisions_path": str(s.alert.decisions_log) if s.alert.decisions_log else None,
-                "plc": s.plc.model_dump(mode="json"), "store": s.store.model_dump(mode="json"),
+                "alert": s.alert, "cameras": s.cameras, "plc": s.plc, "store": s.store,
                 "model": {"kind": self.ckpt.get("kind"), "path": self.ckpt["path"], "id": self.ckpt.get("id")},
             }),
             StageSpec("tiler", "tiler", "knitwatch.pipeline.stages.tiler", {
                 "frames_endpoint": ep["frames"], "tiles_endpoint": ep["tiles"], "preprocess": self.ckpt["preprocess"],
-                "cameras": cams, "scale": s.tiling.scale, "refresh_frames": s.tiling.pitch_refresh_frames,
+                "cameras": s.cameras, "tiling": s.tiling,
             }),
         ]
         for i in range(s.inference.workers):
             out.append(StageSpec(f"infer.{i}", "infer", "knitwatch.pipeline.stages.infer", {
                 "tiles_endpoint": ep["tiles"], "results_endpoint": ep["results"], "checkpoint": self.ckpt["path"],
-                "device": s.inference.device, "max_batch_tiles": s.inference.max_batch_tiles,
-                "max_wait_ms": s.inference.max_wait_ms, "backend": s.inference.backend,
+                "inference": s.inference,
             }))
-        for cam in cams:
-            out.append(StageSpec(f"capture.{cam['id']}", "capture", "knitwatch.pipeline.stages.capture", {
+        for cam in s.cameras:
+            out.append(StageSpec(f"capture.{cam.id}", "capture", "knitwatch.pipeline.stages.capture", {
                 "camera": cam, "frames_endpoint": ep["frames"],
             }))
         return out
 
     def _start(self, sp: StageProc) -> None:
         kwargs = {"control_endpoint": self.endpoints["control"], **sp.spec.kwargs}
-        p = self.mp.Process(target=_child, name=f"knitwatch-{sp.spec.name}",
+        p = self.mp.Process(target=run_stage, name=f"knitwatch-{sp.spec.name}",
                             args=(sp.spec.module, sp.spec.name, kwargs, self.log_level, self.log_format))
         p.start()
         sp.process, sp.pid = p, p.pid
@@ -282,7 +282,7 @@ class Supervisor:
             stages[name] = {"pid": sp.pid, "alive": self._alive(sp), "restarts": sp.restart_count,
                             "last_heartbeat_s": round(now - sp.last_beat, 2), **st}
             if sp.spec.layer == "capture":
-                cam = sp.spec.kwargs["camera"]["id"]
+                cam = sp.spec.kwargs["camera"].id
                 captured[cam] = self._totals[(name, "captured")].update(int(st.get("captured", 0)))
                 self._totals[(name, "dropped")].update(int(st.get("dropped", 0)))
             if sp.spec.layer == "alert":
@@ -345,7 +345,8 @@ class Supervisor:
         if not self.settings.api.enabled:
             return
         try:
-            from knitwatch.daemon.api.app import ApiError, start_api
+            from knitwatch.daemon.api.app import start_api
+            from knitwatch.daemon.api.security import ApiError
         except ImportError as e:
             log.error("HTTP API not started: a package is missing", error=str(e))
             return

@@ -1,4 +1,4 @@
-"""One-file model checkpoints, shared by every model kind (EfficientAD now, MSFlow later).
+"""One-file model checkpoints, shared by every model kind (EfficientAD, MSFlow, PatchCore).
 
 File format (``FORMAT_NAME``, version ``FORMAT_VERSION``): a ``torch.save`` of a plain dict holding
 only tensors and JSON-able primitives, so it loads with ``torch.load(weights_only=True)`` and no
@@ -15,25 +15,24 @@ pickled code ever runs::
 
 The file is written atomically (temporary file in the same folder, fsync, ``os.replace``). Any file
 that is missing, corrupt, foreign or of an unknown version raises `CheckpointError` naming the path.
-`build_model` turns a checkpoint into a ready module through a registry keyed by ``kind``.
+`knitwatch.models.registry.build_model` turns a checkpoint into a ready module by its ``kind``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 log = structlog.get_logger(__name__)
 
@@ -196,48 +195,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if obj.get("kind") != ckpt.kind:
         raise CheckpointError(f"{p}: kind mismatch between header ({obj.get('kind')!r}) and metadata")
     return ckpt
-
-
-# --------------------------------------------------------------------------------------------------
-# Model registry
-# --------------------------------------------------------------------------------------------------
-
-Builder = Callable[[Checkpoint], nn.Module]
-_BUILDERS: dict[str, Builder] = {}
-# Kinds whose builder lives in a module that registers it lazily (imported on first use).
-_BUILTIN_KINDS: dict[str, tuple[str, str]] = {
-    "efficientad-s": ("knitwatch.models.efficientad.model", "build_efficientad_from_checkpoint"),
-    "efficientad-m": ("knitwatch.models.efficientad.model", "build_efficientad_from_checkpoint"),
-    "patchcore": ("knitwatch.models.patchcore.model", "build_patchcore_from_checkpoint"),
-    **{f"msflow-{b}": ("knitwatch.models.msflow.model", "build_msflow_from_checkpoint") for b in ("efficientnet-lite0", "resnet18", "resnet34", "wide_resnet50_2")},  # noqa: E501
-}
-
-
-def register_model_kind(kind: str, builder: Builder) -> None:
-    """Register ``builder(checkpoint) -> nn.Module`` for checkpoints of ``kind`` (e.g. 'msflow')."""
-    _BUILDERS[kind] = builder
-
-
-def known_kinds() -> list[str]:
-    return sorted(set(_BUILDERS) | set(_BUILTIN_KINDS))
-
-
-def build_model(ckpt: Checkpoint | str | Path, device: str | torch.device | None = None) -> nn.Module:
-    """The ready (eval-mode) model of a checkpoint (or checkpoint path), whatever its kind."""
-    if not isinstance(ckpt, Checkpoint):
-        ckpt = load_checkpoint(ckpt)
-    builder = _BUILDERS.get(ckpt.kind)
-    if builder is None and ckpt.kind in _BUILTIN_KINDS:
-        module_name, attr = _BUILTIN_KINDS[ckpt.kind]
-        builder = getattr(importlib.import_module(module_name), attr)
-        _BUILDERS[ckpt.kind] = builder
-    if builder is None:
-        raise CheckpointError(f"unknown model kind {ckpt.kind!r}; known kinds: {known_kinds()}")
-    try:
-        model = builder(ckpt)
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"cannot build a {ckpt.kind!r} model from the checkpoint: {exc}") from exc
-    model.eval()
-    if device is not None:
-        model.to(torch.device(device))
-    return model

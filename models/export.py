@@ -45,7 +45,8 @@ import structlog
 import torch
 from torch import Tensor, nn
 
-from knitwatch.models.checkpoint import Checkpoint, atomic_path, build_model, load_checkpoint
+from knitwatch.models.checkpoint import Checkpoint, atomic_path, load_checkpoint
+from knitwatch.models.registry import build_model
 
 log = structlog.get_logger(__name__)
 

@@ -40,6 +40,16 @@ def auroc(scores: ArrayLike, labels: ArrayLike) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def _counts_at_thresholds(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, true positives, false positives) of ``score >= threshold`` for each distinct score,
+    thresholds decreasing."""
+    order = np.argsort(-s, kind="mergesort")
+    s_desc = s[order]
+    y_desc = y[order]
+    last_of_group = np.r_[np.nonzero(np.diff(s_desc))[0], s_desc.size - 1]
+    return s_desc[last_of_group], np.cumsum(y_desc)[last_of_group], np.cumsum(~y_desc)[last_of_group]
+
+
 def roc_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds): one point per distinct score, thresholds decreasing.
 
@@ -50,16 +60,8 @@ def roc_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndar
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError("a ROC curve needs both normal and anomalous samples")
-    order = np.argsort(-s, kind="mergesort")
-    s_desc = s[order]
-    y_desc = y[order]
-    tp = np.cumsum(y_desc)
-    fp = np.cumsum(~y_desc)
-    last_of_group = np.r_[np.nonzero(np.diff(s_desc))[0], s_desc.size - 1]
-    fpr = np.r_[0.0, fp[last_of_group] / n_neg]
-    tpr = np.r_[0.0, tp[last_of_group] / n_pos]
-    thr = np.r_[np.inf, s_desc[last_of_group]]
-    return fpr, tpr, thr
+    thr, tp, fp = _counts_at_thresholds(s, y)
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos], np.r_[np.inf, thr]
 
 
 def f1_at_threshold(scores: ArrayLike, labels: ArrayLike, threshold: float) -> float:
@@ -82,17 +84,10 @@ def best_f1_threshold(scores: ArrayLike, labels: ArrayLike) -> tuple[float, floa
     n_pos = int(y.sum())
     if n_pos == 0:
         raise ValueError("best F1 needs at least one anomalous sample")
-    order = np.argsort(-s, kind="mergesort")
-    s_desc = s[order]
-    y_desc = y[order]
-    tp = np.cumsum(y_desc)
-    fp = np.cumsum(~y_desc)
-    last_of_group = np.r_[np.nonzero(np.diff(s_desc))[0], s_desc.size - 1]
-    tp_g = tp[last_of_group]
-    fp_g = fp[last_of_group]
-    f1 = 2.0 * tp_g / (2.0 * tp_g + fp_g + (n_pos - tp_g))
+    thr, tp, fp = _counts_at_thresholds(s, y)
+    f1 = 2.0 * tp / (2.0 * tp + fp + (n_pos - tp))
     best = int(np.argmax(f1))  # first maximum = highest threshold
-    return float(s_desc[last_of_group][best]), float(f1[best])
+    return float(thr[best]), float(f1[best])
 
 
 def au_pro(maps: ArrayLike, masks: ArrayLike, max_fpr: float = 0.3, valid: ArrayLike | None = None) -> float:

@@ -28,7 +28,8 @@ import numpy as np
 import structlog
 import torch
 
-from knitwatch.models.checkpoint import CheckpointError, build_model, load_checkpoint
+from knitwatch.models.checkpoint import CheckpointError, load_checkpoint
+from knitwatch.models.registry import build_model
 
 log = structlog.get_logger(__name__)
 

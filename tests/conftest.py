@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-AITEX = SHARED_DATA / "aitex-dev"
+from knitwatch.pipeline.actions.simplc import SimulatedPlc
+
+if TYPE_CHECKING:
+    from knitwatch.config import Settings
 
 
 @pytest.fixture(autouse=True)
@@ -26,11 +29,6 @@ def _private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Tem
     monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
 
 
-def needs_aitex(fabric: str = "") -> pytest.MarkDecorator:
-    path = AITEX / fabric if fabric else AITEX
-    return pytest.mark.skipif(not path.is_dir(), reason=f"real fabric data not present at {path}")
-
-
 @pytest.fixture(autouse=True)
 def _fresh_logging() -> None:
     """A test that ran the CLI in-process configured structlog with pytest's captured stderr, which
@@ -42,3 +40,21 @@ def _fresh_logging() -> None:
     yield
     structlog.reset_defaults()
     logging.getLogger().handlers[:] = []
+
+
+@pytest.fixture
+def plc() -> Iterator[SimulatedPlc]:
+    """The simulated PLC (a real pymodbus server on a free loopback port), stopped after the test."""
+    p = SimulatedPlc().start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def populated(tmp_path: Path) -> tuple[Settings, list[int]]:
+    """Settings for cameras cam0 and cam1 with a store under ``tmp_path`` holding the events of
+    :data:`tests.helpers.api.EVENTS` (with their pictures); their ids, oldest first."""
+    from tests.helpers.api import make_settings, populate_store
+
+    settings = make_settings(tmp_path)
+    return settings, populate_store(settings.store.path)

@@ -415,7 +415,7 @@ def get_teacher(size: str, tiles: np.ndarray, settings: BenchSettings, out: Path
 
     import torch
 
-    from knitwatch.models.efficientad.model import TeacherWeights, distill_teacher, load_teacher_state
+    from knitwatch.models.efficientad.teacher import TeacherWeights, distill_teacher, load_teacher_state
 
     if teacher_path is not None:
         tw = load_teacher_state(teacher_path, size)
@@ -504,9 +504,9 @@ def _write_result(path: Path, result: dict[str, Any]) -> None:
 
 
 def check_models(models: Sequence[str]) -> list[str]:
-    from knitwatch.models.msflow.model import KINDS as MSFLOW_KINDS
+    from knitwatch.models.registry import builtin_kinds
 
-    known = ("efficientad-s", "efficientad-m", *MSFLOW_KINDS, "patchcore")
+    known = builtin_kinds()
     bad = [m for m in models if m not in known]
     if bad:
         raise ValueError(f"unknown model(s) {bad}; choose from {', '.join(known)}")
@@ -549,7 +549,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result (per dataset and model, plus averages)."""
     from knitwatch.models.backbones.extractor import BackboneWeightsMissingError
-    from knitwatch.models.efficientad.model import save_model
+    from knitwatch.models.base import save_model
     from knitwatch.pipeline.offline.evaluate import load_tiles
 
     t_start, c_start = time.monotonic(), time.process_time()
@@ -923,7 +923,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 
 def cmd_bench_accuracy(args: argparse.Namespace) -> int:
-    from knitwatch.daemon.cli.main import CliError
+    from knitwatch.daemon.cli.common import CliError
 
     settings = settings_from_args(args)
     fabrics = args.fabrics
@@ -973,7 +973,7 @@ def register_accuracy(bsub: argparse._SubParsersAction) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m knitwatch.daemon.bench.accuracy``: the same command without the rest of the CLI."""
-    from knitwatch.daemon.cli.main import CliError
+    from knitwatch.daemon.cli.common import CliError
     from knitwatch.daemon.logs import setup_logging
 
     parser = argparse.ArgumentParser(prog="knitwatch bench accuracy", description=__doc__,

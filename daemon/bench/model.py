@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from knitwatch.daemon.cli.main import CliError
+from knitwatch.daemon.cli.common import CliError, add_device_option
 from knitwatch.daemon.logs import setup_logging
 
 log = structlog.get_logger(__name__)
@@ -192,8 +192,8 @@ def _worker_setup(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 
         return run, facts
 
-    from knitwatch.models.checkpoint import build_model
-    from knitwatch.models.efficientad.model import tiles_to_tensor
+    from knitwatch.models.base import tiles_to_tensor
+    from knitwatch.models.registry import build_model
 
     fmt = torch.channels_last if v.channels_last else torch.contiguous_format
     model = build_model(spec["checkpoint"]).to(device).eval().to(memory_format=fmt)
@@ -320,7 +320,7 @@ def count_gflops(checkpoint: Path) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from knitwatch.models.checkpoint import build_model
+    from knitwatch.models.registry import build_model
 
     model = build_model(checkpoint).to("cpu").eval()
     x = torch.full((1, 1, model.tile_size, model.tile_size), 128, dtype=torch.uint8)
@@ -334,7 +334,8 @@ def random_checkpoint(kind: str, tile: int, folder: Path) -> Path:
     """A seeded random-weight model of ``kind`` saved as a checkpoint (timing only)."""
     import torch
 
-    from knitwatch.models.efficientad.model import EfficientAD, save_model
+    from knitwatch.models.base import save_model
+    from knitwatch.models.efficientad.model import EfficientAD
 
     torch.manual_seed(0)
     if kind.startswith("efficientad-"):
@@ -359,7 +360,7 @@ def random_checkpoint(kind: str, tile: int, folder: Path) -> Path:
 def default_kinds() -> list[str]:
     """EfficientAD-S and MSFlow on every backbone whose pretrained weights are available offline."""
     from knitwatch.models.backbones.extractor import backbone_weights_available
-    from knitwatch.models.msflow.model import MSFLOW_BACKBONES
+    from knitwatch.models.registry import MSFLOW_BACKBONES
 
     out = ["efficientad-s"]
     for b in MSFLOW_BACKBONES:
@@ -392,7 +393,8 @@ def _ort_available() -> str | None:
 
 
 def prepare_cases(args: argparse.Namespace, device: str, workdir: Path, want_ort: bool) -> list[ModelCase]:
-    from knitwatch.models.checkpoint import CheckpointError, known_kinds, load_checkpoint
+    from knitwatch.models.checkpoint import CheckpointError, load_checkpoint
+    from knitwatch.models.registry import known_kinds
 
     cases: list[ModelCase] = []
     tiles_arg = _ints(args.tile, "--tile") if args.tile else None
@@ -664,7 +666,7 @@ def register(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--reps", type=int, metavar="N", help="timed batches per variant (default 5 CPU, 20 GPU)")
     p.add_argument("--warmup", type=int, metavar="N", help="untimed batches first (default 1 CPU, 3 GPU)")
     p.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (default: all usable CPUs)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_option(p)
     p.add_argument("--peak-gflops", type=float, metavar="X", help="the device's peak GFLOP/s (default: estimated)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="give up on a variant that does not answer within S seconds (set-up incl. torch.compile, "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import structlog
 
-from knitwatch.daemon.cli.main import CliError
+from knitwatch.daemon.cli.common import CliError, add_group
 
 log = structlog.get_logger(__name__)
 
@@ -53,9 +53,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    ds = sub.add_parser("dataset", help="make training/test data: simulated knit fabric, tiles from photos")
-    dsub = ds.add_subparsers(dest="dataset_command", metavar="SUBCOMMAND")
-    dsub.required = True
+    dsub = add_group(sub, "dataset", "make training/test data: simulated knit fabric, tiles from photos",
+                     "dataset_command")
 
     sy = dsub.add_parser(
         "synth",

@@ -14,8 +14,6 @@ latched on the simulated PLC until acknowledged there (or with --auto-ack). Runs
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import os
 import socket
@@ -29,8 +27,16 @@ import structlog
 
 from knitwatch.config import Settings
 from knitwatch.config.settings import ApiConfig, CameraConfig, PlcConfig, SimulatorConfig
-from knitwatch.daemon.cli.main import CliError, checkpoint_summary, load_config
+from knitwatch.daemon.cli.common import CliError, checkpoint_summary, load_config
 from knitwatch.daemon.logs import setup_logging
+from knitwatch.pipeline.actions.simplc import (
+    ALARM_COIL,
+    HEARTBEAT_COIL,
+    STOP_COIL,
+    SimulatedPlc,
+    SimulatedPlcError,
+    free_port,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +46,6 @@ TRAIN_FRAMES = 40
 # EfficientAD-S needs about 0.9 CPU-seconds for a 512x256 frame's 32 tiles of 64 px (one thread): at
 # 1 fps the model takes under half of a 2-core CPU, leaving room for capture, tiler, alert and the API.
 CPU_FPS, GPU_FPS = 1.0, 10.0
-STOP_COIL, HEARTBEAT_COIL, ALARM_COIL = 0, 1, 2
 
 
 def demo_camera(fps: float) -> CameraConfig:
@@ -61,12 +66,6 @@ def demo_camera(fps: float) -> CameraConfig:
     )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def port_free(host: str, port: int) -> bool:
     try:
         with socket.socket() as s:
@@ -75,85 +74,6 @@ def port_free(host: str, port: int) -> bool:
         return True
     except OSError:
         return False
-
-
-class SimulatedPlc:
-    """The machine's PLC, simulated: a real Modbus TCP server (pymodbus) on loopback in a thread, with
-    32 coils and registers, all 0 at start. It counts stops (rising edges of the stop coil) and
-    heartbeat toggles, as a real PLC program would watch them."""
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.host = host
-        self.port = port or free_port(host)
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.server: Any = None
-        self.thread: threading.Thread | None = None
-        self.stops = 0
-        self.heartbeats = 0
-        self.stop_on = False
-        self.stopped_since: float | None = None
-        self.last_beat: float | None = None
-        self._hb: int | None = None
-        self._error = ""
-
-    def start(self, timeout: float = 10.0) -> SimulatedPlc:
-        from pymodbus.server import ModbusTcpServer
-        from pymodbus.simulator import DataType, SimData, SimDevice
-
-        ready = threading.Event()
-        self.loop = asyncio.new_event_loop()
-
-        def serve() -> None:
-            asyncio.set_event_loop(self.loop)
-
-            async def main() -> None:
-                try:
-                    bits = [SimData(0, count=32, values=False, datatype=DataType.BITS)]
-                    regs = [SimData(0, count=32, values=0, datatype=DataType.REGISTERS)]
-                    device = SimDevice(id=0, simdata=(bits, list(bits), regs, list(regs)))
-                    self.server = ModbusTcpServer(device, address=(self.host, self.port))
-                    await self.server.serve_forever(background=True)
-                except Exception as e:  # noqa: BLE001 - reported by start()
-                    self._error = f"{type(e).__name__}: {e}"
-                    ready.set()
-                    return
-                ready.set()
-                await self.server.serving
-
-            self.loop.run_until_complete(main())
-
-        self.thread = threading.Thread(target=serve, name="knitwatch-demo-plc", daemon=True)
-        self.thread.start()
-        if not ready.wait(timeout) or self._error:
-            raise CliError(f"the simulated PLC did not start on {self.host}:{self.port}: {self._error or 'timeout'}")
-        return self
-
-    def coil(self, address: int) -> bool:
-        fut = asyncio.run_coroutine_threadsafe(self.server.async_getValues(1, 1, address, 1), self.loop)
-        return bool(fut.result(2)[0])
-
-    def poll(self) -> None:
-        """Read the stop and heartbeat coils (call a few times a second) and count what changed."""
-        now = time.monotonic()
-        stop, hb = self.coil(STOP_COIL), self.coil(HEARTBEAT_COIL)
-        if stop and not self.stop_on:
-            self.stops += 1
-            self.stopped_since = now
-        if not stop:
-            self.stopped_since = None
-        self.stop_on = stop
-        if self._hb is not None and hb != self._hb:
-            self.heartbeats += 1
-            self.last_beat = now
-        self._hb = hb
-
-    def stop(self) -> None:
-        if self.server is not None and self.loop is not None:
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(5)
-            if self.thread is not None:
-                self.thread.join(5)
-            self.server = None
 
 
 class DemoMonitor:
@@ -358,7 +278,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         settings.api = ApiConfig(host=host, port=port, token=args.token)
     except ValueError as e:
         raise CliError(f"--host {host}: {e}") from None
-    plc = SimulatedPlc(port=args.plc_port).start()
+    try:
+        plc = SimulatedPlc(port=args.plc_port).start()
+    except SimulatedPlcError as e:
+        raise CliError(str(e)) from None
     settings.cameras = [demo_camera(fps)]
     settings.model.checkpoint = model
     settings.store.path = work / "store"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from knitwatch.daemon.cli.main import EXIT_FAIL, CliError
+from knitwatch.daemon.cli.common import EXIT_FAIL, CliError
 
 log = structlog.get_logger(__name__)
 

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import structlog
 
-from knitwatch.daemon.cli.main import EXIT_FAIL, CliError
+from knitwatch.daemon.cli.common import EXIT_FAIL, CliError, add_device_option
+from knitwatch.models.registry import trainable_kinds
 
 log = structlog.get_logger(__name__)
 
-MSFLOW_BACKBONES = ("efficientnet-lite0", "resnet18", "resnet34", "wide_resnet50_2")
-MODEL_KINDS = ("efficientad-s", "efficientad-m", *(f"msflow-{b}" for b in MSFLOW_BACKBONES))
+MODEL_KINDS = tuple(trainable_kinds())
 
 
 def _device(name: str) -> str:
@@ -69,7 +69,7 @@ def _images_as_tiles(folder: Path, tile: int, grayscale: bool) -> np.ndarray:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from knitwatch.models.efficientad.model import save_model
+    from knitwatch.models.base import save_model
     from knitwatch.pipeline.offline.dataset import DatasetError
     from knitwatch.pipeline.offline.evaluate import load_tiles
 
@@ -115,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _train_efficientad(args: argparse.Namespace, tiles: np.ndarray, pre: dict, common: dict,
                        torch: Any) -> tuple[Any, dict]:  # noqa: ANN401
-    from knitwatch.models.efficientad.model import TeacherStateError, load_teacher_state
+    from knitwatch.models.efficientad.teacher import TeacherStateError, load_teacher_state
     from knitwatch.models.efficientad.train import train_efficientad
 
     size = args.model.split("-")[1]
@@ -264,7 +264,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     import torch
 
-    from knitwatch.models.efficientad.model import BackboneWeightsMissingError, distill_teacher
+    from knitwatch.models.backbones.extractor import BackboneWeightsMissingError
+    from knitwatch.models.efficientad.teacher import distill_teacher
 
     tiles = _images_as_tiles(args.images, args.tile, grayscale=False)
     log.info("distilling teacher", tiles=len(tiles), backbone=args.backbone, size=args.size, steps=args.steps)
@@ -310,7 +311,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="allow an untrained teacher when no backbone weights exist (marked in the checkpoint)")
     tr.add_argument("--checkpoint-every", type=int, default=1000, help="steps between resume states")
     tr.add_argument("--resume", action="store_true", help="continue from CKPT.resume")
-    tr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_option(tr)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train, batch_size=None)
@@ -323,7 +324,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("checkpoint", type=Path, metavar="CKPT")
     ev.add_argument("data", type=Path, metavar="DATA")
     ev.add_argument("--json", action="store_true", help="print JSON")
-    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_option(ev)
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
@@ -334,7 +335,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
     pr.add_argument("--out", type=Path, required=True, metavar="DIR")
     pr.add_argument("--min-area", type=int, default=20, help="smallest defect region in pixels (default 20)")
-    pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_option(pr)
     pr.set_defaults(func=cmd_predict)
 
     di = sub.add_parser("distill-teacher", help="distil an EfficientAD teacher from an offline backbone",
@@ -347,7 +348,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     di.add_argument("--tile", type=int, default=256, help="tile size the images are cut to (default 256)")
     di.add_argument("--steps", type=int, default=10000)
     di.add_argument("--batch-size", type=int, default=8)
-    di.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_device_option(di)
     di.add_argument("--seed", type=int, default=0)
     di.add_argument("--quiet", action="store_true", help="no progress bar")
     di.set_defaults(func=cmd_distill)

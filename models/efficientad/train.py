@@ -15,7 +15,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -23,97 +23,27 @@ import structlog
 import torch
 from torch import Tensor
 
-from knitwatch.models import metrics
-from knitwatch.models.efficientad.model import (
-    MAX_QUANTILE_VALUES,
-    ChannelStats,
-    EfficientAD,
-    TeacherWeights,
+from knitwatch.models.base import MAX_QUANTILE_VALUES, ChannelStats, imagenet_normalize, tiles_to_tensor, to_unit_rgb
+from knitwatch.models.calibration import (
+    apply_f1_threshold,
+    calibrate_model,
+    keep_random,
+    map_quantiles,
+    split_training_tiles,
+)
+from knitwatch.models.efficientad.loss import (
     augment_ae,
     autoencoder_loss,
-    distill_teacher,
     hard_feature_loss,
-    imagenet_normalize,
-    normalize_size,
     penalty_loss,
     student_ae_loss,
-    tiles_to_tensor,
-    to_unit_rgb,
 )
+from knitwatch.models.efficientad.model import EfficientAD, normalize_size
+from knitwatch.models.efficientad.teacher import TeacherWeights, distill_teacher
 
 log = structlog.get_logger(__name__)
 
 CheckpointCallback = Callable[..., None]
-
-
-def calibrate_f1_threshold(scores: np.ndarray | Tensor, labels: np.ndarray | Tensor) -> tuple[float, float]:
-    """(threshold, F1): the image threshold maximising F1 on a labelled validation set."""
-    s = scores.detach().cpu().numpy() if isinstance(scores, Tensor) else np.asarray(scores)
-    y = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
-    return metrics.best_f1_threshold(s, y)
-
-
-def apply_f1_threshold(model: torch.nn.Module, cal: dict[str, Any], calib_tiles: np.ndarray | Tensor,
-                       calib_labels: np.ndarray | Tensor | None, *, batch_size: int) -> None:
-    """Replace the model's image threshold by the best-F1 one on labelled tiles (1 = defect); notes it in ``cal``."""
-    if calib_labels is None:
-        raise ValueError("calib_tiles needs calib_labels")
-    _, scores = model.predict(calib_tiles, batch_size=batch_size)
-    thr, f1 = calibrate_f1_threshold(scores, np.asarray(calib_labels))
-    model.image_threshold.fill_(thr)
-    cal["image_threshold"] = float(model.image_threshold)
-    cal["rule"]["image"] = "best F1 on labelled calibration tiles"
-    cal["calib_f1"] = f1
-
-
-def quantile_threshold(values: Tensor, q: float, margin: float) -> float:
-    """``quantile(values, q) + margin * (quantile(values, q) - median(values))``.
-
-    The margin is a fraction of the normal spread above the median, so it does not depend on the
-    map's units: 0 gives the plain quantile.
-    """
-    v = subsample(values.reshape(-1).double(), MAX_QUANTILE_VALUES, seed=0)
-    hi = float(torch.quantile(v, q))
-    med = float(torch.quantile(v, 0.5))
-    return hi + margin * max(hi - med, 0.0)
-
-
-def subsample(v: Tensor, max_n: int, seed: int) -> Tensor:
-    if v.numel() <= max_n:
-        return v
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(v.numel(), generator=gen)[:max_n]
-    return v[idx.to(v.device)]
-
-
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError("val_fraction must be in [0, 1)")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(val_fraction * n))
-    if val_fraction > 0 and n_val == 0 and n >= 2:
-        n_val = 1
-    if n - n_val < 1:
-        raise ValueError(f"{n} tiles leave nothing to train on with val_fraction={val_fraction}")
-    return perm[n_val:], perm[:n_val]
-
-
-def split_training_tiles(train_tiles: np.ndarray | Tensor, val_fraction: float, seed: int,
-                         calibrated: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Square uint8 training tiles -> (NCHW tensor, training indices, held-out validation indices).
-
-    Without a validation split (``val_fraction`` 0) it warns that ``calibrated`` (what the held-out
-    tiles would have calibrated) comes from the training tiles: the caller then uses those."""
-    tiles = tiles_to_tensor(train_tiles)
-    if tiles.dtype != torch.uint8:
-        raise ValueError("train_tiles must be uint8")
-    _, _, h, w = tiles.shape
-    if h != w:
-        raise ValueError(f"tiles must be square, got {h}x{w}")
-    tr_idx, val_idx = split_indices(len(tiles), val_fraction, seed)
-    if not val_idx.numel():
-        log.warning("no_validation_split", msg=f"{calibrated} calibrated on the training tiles")
-    return tiles, tr_idx, val_idx
 
 
 def _prep(batch_u8: Tensor, device: torch.device) -> Tensor:
@@ -129,14 +59,6 @@ def teacher_normalization(
     for i in range(0, tiles.shape[0], batch_size):
         stats.update(model.teacher(_prep(tiles[i : i + batch_size], device)))
     return stats.mean().view(1, -1, 1, 1), stats.std().clamp_min(1e-6).view(1, -1, 1, 1)
-
-
-@torch.no_grad()
-def _collect(model: EfficientAD, tiles: Tensor, batch_size: int, device: torch.device, fn: Callable) -> list:
-    out = []
-    for i in range(0, tiles.shape[0], batch_size):
-        out.append(fn(_prep(tiles[i : i + batch_size], device)))
-    return out
 
 
 @torch.no_grad()
@@ -156,55 +78,37 @@ def calibrate(
 
     Map quantiles (paper): q_a = 0.9 and q_b = 0.995 quantiles of the raw st and ae maps (at most
     1e6 values, subsampled with a fixed seed). Thresholds: see `quantile_threshold`, on the image
-    scores (image) and on the pixels of the final maps (pixel).
+    scores (image) and on the pixels of the final maps (pixel; a proportional random share of each
+    batch, at most ~1e6 in total) - `knitwatch.models.calibration.calibrate_model`.
     """
     dev = device or model.input_mean.device
-    was_training = model.training
-    model.eval()
-    raw = _collect(model, val_tiles, batch_size, dev, model.raw_maps)
-    st = torch.cat([r[0].reshape(-1) for r in raw]).double()
-    ae = torch.cat([r[1].reshape(-1) for r in raw]).double()
-    st_s = subsample(st, MAX_QUANTILE_VALUES, 0)
-    ae_s = subsample(ae, MAX_QUANTILE_VALUES, 1)
-    q_st = (float(torch.quantile(st_s, q_a)), float(torch.quantile(st_s, q_b)))
-    q_ae = (float(torch.quantile(ae_s, q_a)), float(torch.quantile(ae_s, q_b)))
-    for name, (lo, hi) in (("st", q_st), ("ae", q_ae)):
-        if not hi > lo:
-            log.warning("degenerate_map_quantiles", map=name, q_a=lo, q_b=hi)
-            q = (lo, lo + 1e-6)
-            q_st, q_ae = (q, q_ae) if name == "st" else (q_st, q)
-    model.set_map_quantiles(q_st, q_ae)
-    outs = _collect(model, val_tiles, batch_size, dev, model)
-    scores = torch.cat([o[1].float().cpu() for o in outs])
-    n_pix = sum(o[0].numel() for o in outs)
-    keep = []
+
+    def batches() -> Iterator[Tensor]:
+        for i in range(0, val_tiles.shape[0], batch_size):
+            yield _prep(val_tiles[i : i + batch_size], dev)
+
+    def fit_maps() -> dict[str, Any]:
+        q_st, q_ae = map_quantiles(batches(), model.raw_maps, (q_a, q_b), keep=lambda m: m.reshape(-1).double())
+        for name, (lo, hi) in (("st", q_st), ("ae", q_ae)):
+            if not hi > lo:
+                log.warning("degenerate_map_quantiles", map=name, q_a=lo, q_b=hi)
+                q = (lo, lo + 1e-6)
+                q_st, q_ae = (q, q_ae) if name == "st" else (q_st, q)
+        model.set_map_quantiles(q_st, q_ae)
+        return {"q_st": list(q_st), "q_ae": list(q_ae)}
+
+    n_pix = val_tiles.shape[0] * val_tiles.shape[-2] * val_tiles.shape[-1]  # pixels of all final maps
     gen = torch.Generator().manual_seed(2)
-    for o in outs:  # proportional random subsample of the pixels, at most ~1e6 in total
-        flat = o[0].reshape(-1).float().cpu()
-        k = min(flat.numel(), math.ceil(MAX_QUANTILE_VALUES * flat.numel() / n_pix))
-        keep.append(flat[torch.randperm(flat.numel(), generator=gen)[:k]] if k < flat.numel() else flat)
-    pixels = torch.cat(keep)
-    image_thr = quantile_threshold(scores, image_quantile, threshold_margin)
-    pixel_thr = quantile_threshold(pixels, pixel_quantile, threshold_margin)
-    model.set_thresholds(image_thr, pixel_thr)
-    model.train(was_training)
-    return {
-        "q_st": list(q_st),
-        "q_ae": list(q_ae),
-        "image_threshold": float(model.image_threshold),
-        "pixel_threshold": float(model.pixel_threshold),
-        "val_scores": {
-            "n": int(scores.numel()),
-            "min": float(scores.min()),
-            "median": float(scores.median()),
-            "max": float(scores.max()),
-        },
-        "rule": {
-            "image_quantile": image_quantile,
-            "pixel_quantile": pixel_quantile,
-            "threshold_margin": threshold_margin,
-        },
-    }
+    return calibrate_model(
+        model,
+        batches,
+        model,
+        fit_maps=fit_maps,
+        keep_pixels=lambda m: keep_random(m, math.ceil(MAX_QUANTILE_VALUES * m.numel() / n_pix), gen),
+        image_quantile=image_quantile,
+        pixel_quantile=pixel_quantile,
+        threshold_margin=threshold_margin,
+    )
 
 
 def _call_checkpoint_cb(cb: CheckpointCallback, step: int, model: EfficientAD, state: Callable[[], dict]) -> None:

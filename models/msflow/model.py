@@ -40,7 +40,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 import torch.nn.functional as F
 from FrEIA.framework import GraphINN, InputNode, Node, OutputNode, SequenceINN
@@ -48,13 +47,11 @@ from FrEIA.modules import InvertibleModule
 from torch import Tensor, nn
 
 from knitwatch.models.backbones.extractor import LITE0, MultiScaleExtractor
-from knitwatch.models.checkpoint import Checkpoint, register_model_kind
-from knitwatch.models.efficientad.model import AnomalyModel
-
-log = structlog.get_logger(__name__)
+from knitwatch.models.base import AnomalyModel, UntrainedWarning, restore_model
+from knitwatch.models.checkpoint import Checkpoint
+from knitwatch.models.registry import MSFLOW_BACKBONES
 
 KIND_PREFIX = "msflow-"
-MSFLOW_BACKBONES: tuple[str, ...] = (LITE0, "resnet18", "resnet34", "wide_resnet50_2")
 KINDS: tuple[str, ...] = tuple(KIND_PREFIX + b for b in MSFLOW_BACKBONES)
 DEFAULT_FLOW_BLOCKS: tuple[int, int, int] = (2, 5, 8)
 DEFAULT_CLAMP = 1.9
@@ -497,7 +494,6 @@ class MSFlow(AnomalyModel):
             "topk": self.topk,
         }
 
-
     def set_feature_stats(self, means: Sequence[Tensor], stds: Sequence[Tensor]) -> None:
         for i, (m, s) in enumerate(zip(means, stds, strict=True)):
             getattr(self, f"feat_mean{i}").copy_(m.reshape(1, -1, 1, 1))
@@ -546,17 +542,15 @@ class MSFlow(AnomalyModel):
         zs, _ = self.flow(feats)
         return self.maps_from_z(zs, (h, w))
 
-    def prepare_for_inference(self, device: str | torch.device = "cpu") -> MSFlow:
-        """eval(), move to ``device`` and use channels_last memory format (faster convolutions)."""
-        self.eval()
-        return self.to(device=torch.device(device), memory_format=torch.channels_last)
-
-
 
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
+
+# A checkpoint trained on a backbone with random weights (``pretrained=False``) says so.
+RANDOM_BACKBONE_WARNING = UntrainedWarning("backbone", "random_weights", "random_backbone_checkpoint", msg=(
+    "this MSFlow model was trained on a RANDOM (untrained) backbone; its detections are not trustworthy"))
 
 
 def build_msflow_from_checkpoint(ckpt: Checkpoint) -> MSFlow:
@@ -576,18 +570,4 @@ def build_msflow_from_checkpoint(ckpt: Checkpoint) -> MSFlow:
         topk=float(hp.get("topk", DEFAULT_TOPK)),
         _weights_from_checkpoint=True,
     )
-    model.load_state_dict(ckpt.state_dict, strict=True)
-    model.provenance = dict(ckpt.provenance)
-    bb = ckpt.provenance.get("backbone", {})
-    if isinstance(bb, dict) and bb.get("random_weights"):
-        log.warning(
-            "random_backbone_checkpoint",
-            msg="this MSFlow model was trained on a RANDOM (untrained) backbone; its detections are not trustworthy",
-        )
-    if not model.is_calibrated:
-        log.warning("uncalibrated_checkpoint", msg="image/pixel thresholds are not calibrated (NaN)")
-    return model.prepare_for_inference("cpu")
-
-
-for _kind in KINDS:
-    register_model_kind(_kind, build_msflow_from_checkpoint)
+    return restore_model(model, ckpt, RANDOM_BACKBONE_WARNING)

@@ -8,14 +8,14 @@ the training features; ``meta_epochs x sub_epochs`` epochs (seed: 25 x 4) or a f
 warm-up, step decay at fractions of the run and gradient-norm clipping; fp16 autocast with a gradient
 scaler on CUDA; then calibration on the held-out normal validation tiles (`calibrate_msflow`): the
 per-scale map statistics that make scores comparable across images, and the thresholds, with the
-same rule as EfficientAD (`knitwatch.models.efficientad.train.quantile_threshold`, or best F1 on labelled tiles).
+same rule as the other models (`knitwatch.models.calibration.quantile_threshold`, or best F1 on labelled tiles).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,14 @@ import torch
 from torch import Tensor
 
 from knitwatch.models.backbones.extractor import default_backbone
-from knitwatch.models.efficientad.model import MAX_QUANTILE_VALUES, ChannelStats
-from knitwatch.models.efficientad.train import apply_f1_threshold, quantile_threshold, split_training_tiles, subsample
+from knitwatch.models.base import MAX_QUANTILE_VALUES, ChannelStats
+from knitwatch.models.calibration import (
+    apply_f1_threshold,
+    calibrate_model,
+    keep_random,
+    map_quantiles,
+    split_training_tiles,
+)
 from knitwatch.models.msflow.model import (
     DEFAULT_CLAMP,
     DEFAULT_FLOW_BLOCKS,
@@ -103,72 +109,52 @@ def calibrate_msflow(
     log-likelihood (native resolution) give ``map_loc`` and ``map_spread`` (quantile - median).
     Pass 2: image scores and the pixels of the final maps give the thresholds (`quantile_threshold`:
     the quantile plus ``threshold_margin`` times its distance to the median). Everything streams per
-    batch; at most ~1e6 values per statistic are kept (fixed-seed subsample).
+    batch; at most ~1e6 values per statistic are kept (fixed-seed subsample). The passes are those of
+    `knitwatch.models.calibration.calibrate_model`.
     """
     dev = device or model.input_mean.device
-    was_training = model.training
-    model.eval()
     n = val_cache[0].shape[0]
     if n == 0:
         raise ValueError("no validation tiles to calibrate on")
-    n_batches = math.ceil(n / batch_size)
-    per_batch = max(1, MAX_QUANTILE_VALUES // n_batches)
-    gen = torch.Generator().manual_seed(3)
+    per_batch = max(1, MAX_QUANTILE_VALUES // math.ceil(n / batch_size))
+    gen = torch.Generator().manual_seed(3)  # one stream for both passes
 
     def keep(v: Tensor) -> Tensor:
-        v = v.reshape(-1).double().cpu()
-        return v if v.numel() <= per_batch else v[torch.randperm(v.numel(), generator=gen)[:per_batch]]
+        return keep_random(v.double(), per_batch, gen)
 
-    scale_vals: list[list[Tensor]] = [[] for _ in range(model.num_scales)]
-    for i in range(0, n, batch_size):
-        idx = torch.arange(i, min(i + batch_size, n))
-        with _autocast(dev):
-            zs, _ = model.flow(model.standardize(_batch(val_cache, idx, dev)))
-        for s, a in enumerate(scale_nll_maps(zs)):
-            scale_vals[s].append(keep(a))
-    loc, spread = [], []
-    for s, vals in enumerate(scale_vals):
-        v = subsample(torch.cat(vals), MAX_QUANTILE_VALUES, seed=s)
-        med = float(torch.quantile(v, 0.5))
-        hi = float(torch.quantile(v, map_quantile))
-        if not hi > med:
-            log.warning("degenerate_map_statistics", scale=s, median=med, quantile=hi)
-        loc.append(med)
-        spread.append(max(hi - med, 1e-6))
-    model.set_map_stats(loc, spread)
+    def batches() -> Iterator[list[Tensor]]:
+        """The flow's outputs z (one per scale) of each validation batch."""
+        for i in range(0, n, batch_size):
+            idx = torch.arange(i, min(i + batch_size, n))
+            with _autocast(dev):
+                zs, _ = model.flow(model.standardize(_batch(val_cache, idx, dev)))
+            yield zs
 
-    hw = (model.tile_size, model.tile_size)
-    scores, pixels = [], []
-    for i in range(0, n, batch_size):
-        idx = torch.arange(i, min(i + batch_size, n))
+    def fit_maps() -> dict[str, Any]:
+        loc, spread = [], []
+        for s, (med, hi) in enumerate(map_quantiles(batches(), scale_nll_maps, (0.5, map_quantile), keep)):
+            if not hi > med:
+                log.warning("degenerate_map_statistics", scale=s, median=med, quantile=hi)
+            loc.append(med)
+            spread.append(max(hi - med, 1e-6))
+        model.set_map_stats(loc, spread)
+        return {"map_loc": loc, "map_spread": spread}
+
+    def maps_and_scores(zs: list[Tensor]) -> tuple[Tensor, Tensor]:
         with _autocast(dev):
-            zs, _ = model.flow(model.standardize(_batch(val_cache, idx, dev)))
-            amap, score = model.maps_from_z(zs, hw)
-        scores.append(score.float().cpu())
-        pixels.append(keep(amap))
-    scores_t = torch.cat(scores)
-    image_thr = quantile_threshold(scores_t, image_quantile, threshold_margin)
-    pixel_thr = quantile_threshold(torch.cat(pixels), pixel_quantile, threshold_margin)
-    model.set_thresholds(image_thr, pixel_thr)
-    model.train(was_training)
-    return {
-        "map_loc": loc,
-        "map_spread": spread,
-        "image_threshold": float(model.image_threshold),
-        "pixel_threshold": float(model.pixel_threshold),
-        "val_scores": {
-            "n": int(scores_t.numel()),
-            "min": float(scores_t.min()),
-            "median": float(scores_t.median()),
-            "max": float(scores_t.max()),
-        },
-        "rule": {
-            "map_quantile": map_quantile,
-            "image_quantile": image_quantile,
-            "pixel_quantile": pixel_quantile,
-            "threshold_margin": threshold_margin,
-        },
-    }
+            return model.maps_from_z(zs, (model.tile_size, model.tile_size))
+
+    return calibrate_model(
+        model,
+        batches,
+        maps_and_scores,
+        fit_maps=fit_maps,
+        keep_pixels=keep,
+        image_quantile=image_quantile,
+        pixel_quantile=pixel_quantile,
+        threshold_margin=threshold_margin,
+        rule={"map_quantile": map_quantile},
+    )
 
 
 def lr_factor(step: int, total: int, warmup_steps: int, milestones: Sequence[float], gamma: float) -> float:

@@ -12,13 +12,13 @@ It is the yardstick the trained models must beat (issue 4), so it is kept plain:
 * anomaly map: each cell's Euclidean distance to its nearest bank feature (`nearest_distance`, chunked
   ``torch.cdist`` so memory stays bounded), upsampled bilinearly to the tile and Gaussian-smoothed
   (``sigma`` tile pixels, 4 as in the paper); image score = the map's maximum;
-* thresholds: calibrated on held-out normal tiles with EfficientAD's rule
-  (`knitwatch.models.efficientad.train.quantile_threshold`).
+* thresholds: calibrated on held-out normal tiles with the other models' rule
+  (`knitwatch.models.calibration.quantile_threshold`).
 
 Everything inference needs (the extractor's weights, the memory bank, the thresholds) is in the state
 dict, so the model is a checkpoint kind like the others (``patchcore``). Input convention as
 EfficientAD: uint8 gray or RGB tiles, gray replicated to three channels, ImageNet normalisation
-(`knitwatch.models.efficientad.model.predict_tiles`).
+(`knitwatch.models.base.predict_tiles`).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from knitwatch.models.backbones.extractor import LEVEL_CHANNELS, LITE0, FrozenBackbone
+from knitwatch.models.base import MAX_QUANTILE_VALUES, AnomalyModel, restore_model
+from knitwatch.models.calibration import apply_f1_threshold, set_quantile_thresholds, split_training_tiles, subsample
 from knitwatch.models.checkpoint import Checkpoint
-from knitwatch.models.efficientad.model import MAX_QUANTILE_VALUES, AnomalyModel
-from knitwatch.models.efficientad.train import apply_f1_threshold, quantile_threshold, split_training_tiles, subsample
 
 log = structlog.get_logger(__name__)
 
@@ -210,7 +210,6 @@ class PatchCore(AnomalyModel):
             "sigma": self.sigma,
         }
 
-
     def set_memory_bank(self, bank: Tensor) -> None:
         if bank.ndim != 2 or bank.shape[1] != FEATURE_DIM:
             raise ValueError(f"memory bank must be (M, {FEATURE_DIM}), got {tuple(bank.shape)}")
@@ -321,21 +320,8 @@ def fit_patchcore(
 
     maps, scores = model.predict(val_set, batch_size=batch_size)
     pixels = subsample(torch.from_numpy(maps).reshape(-1).double(), MAX_QUANTILE_VALUES, seed=2)
-    image_thr = quantile_threshold(torch.from_numpy(scores), image_quantile, threshold_margin)
-    pixel_thr = quantile_threshold(pixels, pixel_quantile, threshold_margin)
-    model.set_thresholds(image_thr, pixel_thr)
-    cal: dict[str, Any] = {
-        "image_threshold": float(model.image_threshold),
-        "pixel_threshold": float(model.pixel_threshold),
-        "val_scores": {
-            "n": int(scores.size),
-            "min": float(scores.min()),
-            "median": float(np.median(scores)),
-            "max": float(scores.max()),
-        },
-        "rule": {"image_quantile": image_quantile, "pixel_quantile": pixel_quantile,
-                 "threshold_margin": threshold_margin},
-    }
+    cal = set_quantile_thresholds(model, scores, pixels, image_quantile=image_quantile,
+                                  pixel_quantile=pixel_quantile, threshold_margin=threshold_margin)
     if calib_tiles is not None:
         apply_f1_threshold(model, cal, calib_tiles, calib_labels, batch_size=batch_size)
     model.provenance.update(
@@ -379,8 +365,4 @@ def build_patchcore_from_checkpoint(ckpt: Checkpoint) -> PatchCore:
         pool=int(hp.get("pool", 3)),
         _weights_from_checkpoint=True,
     )
-    model.load_state_dict(ckpt.state_dict, strict=True)
-    model.provenance = dict(ckpt.provenance)
-    if not model.is_calibrated:
-        log.warning("uncalibrated_checkpoint", msg="image/pixel thresholds are not calibrated (NaN)")
-    return model.prepare_for_inference("cpu")
+    return restore_model(model, ckpt)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Sequence
 from typing import Any
 
+from knitwatch.config.settings import PlcConfig
 from knitwatch.pipeline.actions.base import ActionError, Driver, Job
 
 
@@ -19,11 +19,12 @@ def _tail(data: bytes, n: int = 300) -> str:
 class CommandDriver(Driver):
     name = "command"
 
-    def __init__(self, command: Sequence[str], timeout_s: float = 10.0) -> None:
-        if not command:
+    def __init__(self, plc: PlcConfig) -> None:
+        """Runs ``plc.command`` (the ``[plc]`` section) with ``plc.command_timeout_s``."""
+        if not plc.command:
             raise ValueError("driver 'command' needs a program")
-        self.command = [str(c) for c in command]
-        self.timeout_s = timeout_s
+        self.command = [str(c) for c in plc.command]
+        self.timeout_s = plc.command_timeout_s
 
     def notify(self, job: Job) -> dict[str, Any]:
         env = {**os.environ, **job.env}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from knitwatch.config.settings import PlcConfig
 from knitwatch.pipeline.actions.base import ActionError, Driver
 
 
@@ -19,23 +20,22 @@ class ModbusDriver(Driver):
     name = "modbus"
     has_outputs = True
 
-    def __init__(self, host: str, port: int = 502, *, unit_id: int = 1, output: str = "coil", stop_address: int = 0,
-                 alarm_address: int | None = None, heartbeat_address: int | None = 1, stop_value: int = 1,
-                 timeout_s: float = 1.0) -> None:
+    def __init__(self, plc: PlcConfig) -> None:
+        """The PLC at ``plc.host``:``plc.port`` (the ``[plc]`` section; its ``driver`` is not looked at)."""
         from pymodbus.client import ModbusTcpClient
 
         # pymodbus logs every failed connect as an error of its own; the action runner reports them once, loudly
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-        if output not in ("coil", "register"):
-            raise ValueError(f"output must be 'coil' or 'register', not {output!r}")
-        self.host, self.port, self.unit_id = host, port, unit_id
-        self.coils = output == "coil"
-        self.stop_address = stop_address
-        self.alarm_address = alarm_address
-        self.heartbeat_address = heartbeat_address
-        self.has_heartbeat = heartbeat_address is not None
-        self.stop_value = stop_value
-        self.client = ModbusTcpClient(host, port=port, timeout=timeout_s, retries=0)
+        if plc.output not in ("coil", "register"):
+            raise ValueError(f"output must be 'coil' or 'register', not {plc.output!r}")
+        self.host, self.port, self.unit_id = plc.host, plc.port, plc.unit_id
+        self.coils = plc.output == "coil"
+        self.stop_address = plc.stop_address
+        self.alarm_address = plc.alarm_address
+        self.heartbeat_address = plc.heartbeat_address
+        self.has_heartbeat = plc.heartbeat_address is not None
+        self.stop_value = plc.stop_value
+        self.client = ModbusTcpClient(plc.host, port=plc.port, timeout=plc.timeout_s, retries=0)
 
     # -- low level
     def _check(self, rr: Any, what: str) -> Any:  # noqa: ANN401

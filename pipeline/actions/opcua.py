@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from knitwatch.config.settings import PlcConfig
 from knitwatch.pipeline.actions.base import ActionError, Driver
 
 MISSING = "driver 'opcua' needs the optional package asyncua: pip install 'knitwatch[opcua]'"
@@ -15,19 +16,20 @@ class OpcUaDriver(Driver):
     name = "opcua"
     has_outputs = True
 
-    def __init__(self, url: str, stop_node: str, *, alarm_node: str = "", heartbeat_node: str = "",
-                 timeout_s: float = 1.0) -> None:
+    def __init__(self, plc: PlcConfig) -> None:
+        """The server at ``plc.opcua_url`` and its ``opcua_*_node`` nodes (the ``[plc]`` section)."""
         try:
             from asyncua import ua
             from asyncua.sync import ThreadLoop
         except ImportError as e:
             raise ImportError(MISSING) from e
         self.ua = ua
-        self.url = url
-        self.node_ids = {"stop": stop_node, "alarm": alarm_node, "heartbeat": heartbeat_node}
-        self.has_heartbeat = bool(heartbeat_node)
-        self.timeout_s = timeout_s
-        self.tloop = ThreadLoop(timeout=max(5.0, 4 * timeout_s))
+        self.url = plc.opcua_url
+        self.node_ids = {"stop": plc.opcua_stop_node, "alarm": plc.opcua_alarm_node,
+                         "heartbeat": plc.opcua_heartbeat_node}
+        self.has_heartbeat = bool(plc.opcua_heartbeat_node)
+        self.timeout_s = plc.timeout_s
+        self.tloop = ThreadLoop(timeout=max(5.0, 4 * self.timeout_s))
         self.tloop.start()
         self.client: Any = None
         self.nodes: dict[str, Any] = {}

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from knitwatch.config.settings import PlcConfig
 from knitwatch.pipeline.actions.base import ActionError, Driver, Job, event_env
 from knitwatch.pipeline.store.database import Store, StoreError, iso_utc
 
@@ -49,16 +50,17 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 class ActionRunner:
-    def __init__(self, driver: Driver, *, store: Store | None = None, heartbeat_s: float = 1.0,
-                 heartbeat_idle_s: float = 10.0, retry_initial_s: float = 0.2, retry_max_s: float = 5.0,
+    def __init__(self, driver: Driver, plc: PlcConfig | None = None, *, store: Store | None = None,
                  ack_poll_s: float = 0.5, queue_size: int = 1000) -> None:
+        """``plc``: the ``[plc]`` section's timing (heartbeat, retries); its defaults when not given."""
+        plc = plc if plc is not None else PlcConfig()
         self.driver = driver
         self.store = store
-        self.heartbeat_s = heartbeat_s
-        self.heartbeat_idle_s = heartbeat_idle_s
-        self.stall_s = max(3.0 * heartbeat_s, 2.0)
-        self.retry_initial_s = retry_initial_s
-        self.retry_max_s = retry_max_s
+        self.heartbeat_s = plc.heartbeat_s
+        self.heartbeat_idle_s = plc.heartbeat_idle_s
+        self.stall_s = max(3.0 * self.heartbeat_s, 2.0)
+        self.retry_initial_s = plc.retry_initial_s
+        self.retry_max_s = plc.retry_max_s
         self.ack_poll_s = ack_poll_s
         self._q: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self.latch: dict[str, dict[str, set[int]]] = {"stop": {}, "alarm": {}}
@@ -70,11 +72,11 @@ class ActionRunner:
         self.last_error = ""
         self._last_error_mono: float | None = None
         self.counters: Counter[str] = Counter()
-        self.delay = retry_initial_s
+        self.delay = self.retry_initial_s
         self.retry_at = 0.0
         self.urgent = True
         self.hb_counter = 0
-        self.hb_paused = heartbeat_idle_s > 0  # until the first inspection result
+        self.hb_paused = self.heartbeat_idle_s > 0  # until the first inspection result
         now = time.monotonic()
         self.next_hb = self.next_verify = self.next_ack_poll = now
         self._tick = now

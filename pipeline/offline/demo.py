@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from knitwatch.models.efficientad.model import save_model
+from knitwatch.models.base import save_model
 from knitwatch.models.efficientad.train import train_efficientad
 from knitwatch.pipeline.preprocess import PreprocessConfig, PreprocessParams, preprocess
 from knitwatch.pipeline.sources.knitsim import FabricSpec, KnitStream

@@ -8,10 +8,15 @@ stage owns pacing, reconnects with back-off and counting; sources stay simple.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import numpy as np
+
+from knitwatch.config.settings import CameraConfig, SimulatorConfig
+
+if TYPE_CHECKING:
+    from knitwatch.pipeline.sources.knitsim import KnitStream
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -51,7 +56,7 @@ class OpenCVSource:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.live = not Path(uri).is_file()
-        self.truth = None
+        self.truth: dict | None = None
         self._cap: cv2.VideoCapture | None = None
 
     def open(self) -> None:
@@ -85,9 +90,9 @@ class FolderSource:
     """Images of a folder in name order, replayed (at the capture stage's fps), optionally looping."""
 
     live = False
-    truth = None
+    truth: dict | None = None
 
-    def __init__(self, folder: str | Path, loop: bool = True) -> None:
+    def __init__(self, folder: str | Path, *, loop: bool) -> None:
         self.folder = Path(folder)
         self.loop = loop
         self._files: list[Path] = []
@@ -124,26 +129,27 @@ class SimulatorSource:
 
     live = False
 
-    def __init__(self, width: int, height: int, *, fps: float, sim: dict) -> None:
+    def __init__(self, width: int, height: int, *, fps: float, sim: SimulatorConfig) -> None:
         self.width, self.height, self.fps, self.sim = width, height, fps, sim
-        self._stream = None
+        self._stream: KnitStream | None = None
         self._i = 0
         self.truth: dict | None = None
 
     def open(self) -> None:
         from knitwatch.pipeline.sources.knitsim import FabricSpec, KnitStream, ScheduledDefect
 
-        spec = FabricSpec(texture=self.sim["texture"], pitch_px=self.sim["pitch_px"], brightness=self.sim["brightness"])
+        sim = self.sim
+        spec = FabricSpec(texture=sim.texture, pitch_px=sim.pitch_px, brightness=sim.brightness)
         self._stream = KnitStream(
             self.width,
             self.height,
             spec,
-            seed=self.sim["seed"],
-            speed_px=self.sim["speed_px"],
+            seed=sim.seed,
+            speed_px=sim.speed_px,
             fps=self.fps,
-            revolution_frames=self.sim["revolution_frames"],
-            defects=[ScheduledDefect(**d) for d in self.sim.get("defects", ())],
-            random_defect_rate=self.sim["random_defect_rate"],
+            revolution_frames=sim.revolution_frames,
+            defects=[ScheduledDefect(**d.model_dump()) for d in sim.defects],
+            random_defect_rate=sim.random_defect_rate,
         )
 
     def read(self) -> np.ndarray | None:
@@ -164,13 +170,13 @@ class SimulatorSource:
         self._stream = None
 
 
-def make_source(cam: dict) -> FrameSource:
-    """A source from a camera's settings (``CameraConfig.model_dump()``)."""
-    kind = cam["source"]
+def make_source(cam: CameraConfig) -> FrameSource:
+    """A source from a camera's settings."""
+    kind = cam.source
     if kind == "opencv":
-        return OpenCVSource(cam["uri"])
+        return OpenCVSource(cam.uri)
     if kind == "folder":
-        return FolderSource(cam["uri"], loop=cam.get("loop", True))
+        return FolderSource(cam.uri, loop=cam.loop)
     if kind == "simulator":
-        return SimulatorSource(cam["width"], cam["height"], fps=cam["fps"], sim=cam["simulator"])
+        return SimulatorSource(cam.width, cam.height, fps=cam.fps, sim=cam.simulator)
     raise SourceError(f"unknown source kind {kind!r}")

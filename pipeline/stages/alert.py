@@ -27,7 +27,7 @@ import numpy as np
 import structlog
 import zmq
 
-from knitwatch.config.settings import AlertConfig, PlcConfig
+from knitwatch.config.settings import AlertConfig, CameraConfig, PlcConfig, StoreConfig
 from knitwatch.pipeline.actions import Job, build_runner, event_env
 from knitwatch.pipeline.decision.regions import Confirmation, FrameDecision, find_regions
 from knitwatch.pipeline.decision.severity import RANK, Severity, SeverityClass, classify
@@ -137,38 +137,38 @@ class CameraState:
 
 class AlertStage(Stage):
     def __init__(self, name: str, control_endpoint: str, *, results_endpoint: str, thresholds: dict,
-                 alert: dict, cameras: list[dict], decisions_path: str | None = None, plc: dict | None = None,
-                 store: dict | None = None, model: dict | None = None, ack_poll_s: float = 0.5) -> None:
+                 alert: AlertConfig, cameras: list[CameraConfig], plc: PlcConfig | None = None,
+                 store: StoreConfig | None = None, model: dict | None = None, ack_poll_s: float = 0.5) -> None:
+        """``plc``: the ``[plc]`` section (its defaults when None); ``store``: None runs without a store."""
         super().__init__(name, control_endpoint)
         self.inp = self.socket(zmq.PULL, results_endpoint, bind=True, hwm=4)
-        self.cfg = AlertConfig.model_validate(alert).model_dump(mode="json")
-        self.classes = [SeverityClass.from_dict(c) for c in self.cfg["severity"]]
+        self.cfg = alert
+        self.classes = [SeverityClass.from_dict(c.model_dump()) for c in alert.severity]
         def first_set(*values: float | None) -> float:  # an override of 0.0 is still an override
             return float(next(v for v in values if v is not None))
 
-        self.image_threshold = first_set(alert.get("image_threshold"), thresholds["image"])
-        default_pixel = first_set(alert.get("pixel_threshold"), thresholds.get("pixel"), thresholds["image"])
-        self.pixel_threshold = {c["id"]: first_set(c.get("pixel_threshold"), default_pixel) for c in cameras}
+        self.image_threshold = first_set(alert.image_threshold, thresholds["image"])
+        default_pixel = first_set(alert.pixel_threshold, thresholds.get("pixel"), thresholds["image"])
+        self.pixel_threshold = {c.id: first_set(c.pixel_threshold, default_pixel) for c in cameras}
         self.cams: dict[str, CameraState] = {}
-        self.decisions = Path(decisions_path).open("a", encoding="utf-8") if decisions_path else None
+        self.decisions = Path(alert.decisions_log).open("a", encoding="utf-8") if alert.decisions_log else None
         self.model = dict(model or {})
         self.store: Store | None = None
-        self.thumbnail_px = 320
+        self.writer: SnapshotWriter | None = None
         if store is not None:
-            self.thumbnail_px = int(store.get("thumbnail_px", 320))
             try:
-                self.store = Store(store["path"], retention_days=float(store.get("retention_days", 30)),
-                                   max_gb=float(store.get("max_gb", 10.0)), fsync=bool(store.get("fsync", True)))
+                self.store = Store(store.path, retention_days=float(store.retention_days), max_gb=float(store.max_gb),
+                                   fsync=store.fsync)
                 self.store.recover()
                 self.store.enforce_retention()
             except (StoreError, OSError, sqlite3.Error) as e:  # inspection and the PLC matter more than pictures
                 self.counters["store_errors"] += 1
                 self.log.error("store unavailable: events are only logged and acted on", error=str(e))
                 self.store = None
-        self.writer = (SnapshotWriter(self.store, image_threshold=self.image_threshold, thumbnail_px=self.thumbnail_px)
-                       if self.store is not None else None)
-        plc_cfg = PlcConfig.model_validate(plc or {}).model_dump(mode="json")
-        self.runner = build_runner(plc_cfg, self.store)
+            if self.store is not None:
+                self.writer = SnapshotWriter(self.store, image_threshold=self.image_threshold,
+                                             thumbnail_px=store.thumbnail_px)
+        self.runner = build_runner(plc if plc is not None else PlcConfig(), self.store)
         self.runner.ack_poll_s = ack_poll_s
         self.runner.start()
         self._store_stats: dict[str, Any] = {}
@@ -177,10 +177,10 @@ class AlertStage(Stage):
     def _camera(self, cam: str, epoch: int | None) -> CameraState:
         st = self.cams.get(cam)
         if st is None:
-            st = self.cams[cam] = CameraState(self.cfg["confirm_k"], self.cfg["confirm_n"])
+            st = self.cams[cam] = CameraState(self.cfg.confirm_k, self.cfg.confirm_n)
         if epoch != st.epoch:  # the capture process restarted: sequence numbers start again
             st.epoch = epoch
-            st.confirm = Confirmation(self.cfg["confirm_k"], self.cfg["confirm_n"])
+            st.confirm = Confirmation(self.cfg.confirm_k, self.cfg.confirm_n)
             st.last_event_seq = None
             st.last_event_id = None
             st.last_event_rank = -1
@@ -199,7 +199,7 @@ class AlertStage(Stage):
             self.counters["unknown_camera"] += 1
             return
         decision = find_regions(amap, pixel_threshold=pixel_thr, image_threshold=self.image_threshold,
-                                min_area_px=self.cfg["min_area_px"])
+                                min_area_px=self.cfg.min_area_px)
         st = self._camera(cam, msg.header.get("epoch"))
         st.inspected += 1
         confirmed = st.confirm.update(seq, decision.defect)
@@ -211,7 +211,7 @@ class AlertStage(Stage):
         event_id: int | None = None
         if confirmed and decision.defect:
             severity = classify(decision.regions, self.image_threshold, self.classes)
-            cooldown = self.cfg["cooldown_frames"]
+            cooldown = self.cfg.cooldown_frames
             if st.last_event_seq is None or seq - st.last_event_seq > cooldown:
                 event = True
                 st.events += 1
@@ -265,9 +265,9 @@ class AlertStage(Stage):
             "image_score": round(float(head["image_score"]), 6),
             "regions": regions,
             "n_regions": len(decision.regions),
-            "thresholds": {"image": self.image_threshold, "pixel": pixel_thr, "min_area_px": self.cfg["min_area_px"],
-                           "confirm_k": self.cfg["confirm_k"], "confirm_n": self.cfg["confirm_n"],
-                           "cooldown_frames": self.cfg["cooldown_frames"]},
+            "thresholds": {"image": self.image_threshold, "pixel": pixel_thr, "min_area_px": self.cfg.min_area_px,
+                           "confirm_k": self.cfg.confirm_k, "confirm_n": self.cfg.confirm_n,
+                           "cooldown_frames": self.cfg.cooldown_frames},
             "model": self.model,
             "latency_ms": {"capture_to_decision": round((t_decision - t_capture) / 1e6, 2)},
             "frame_shape": list(arrays[1].shape),
@@ -376,5 +376,5 @@ class AlertStage(Stage):
             self.decisions.close()
 
 
-def run(**kwargs: object) -> int:
+def run(**kwargs: Any) -> int:  # the stage's keyword arguments (StageSpec.kwargs)
     return AlertStage(**kwargs).run()

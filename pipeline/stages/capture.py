@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import collections
 import time
+from typing import Any
 
 import numpy as np
 import zmq
 
+from knitwatch.config.settings import CameraConfig
 from knitwatch.pipeline import wire
 from knitwatch.pipeline.sources.base import FrameSource, SourceError, make_source
 from knitwatch.pipeline.stages.common import Stage
@@ -25,12 +27,12 @@ from knitwatch.pipeline.stages.common import Stage
 class CaptureStage(Stage):
     drains = False
 
-    def __init__(self, name: str, control_endpoint: str, *, camera: dict, frames_endpoint: str,
+    def __init__(self, name: str, control_endpoint: str, *, camera: CameraConfig, frames_endpoint: str,
                  queue_frames: int = 1, stall_s: float = 2.0, max_backoff_s: float = 30.0,
                  source: FrameSource | None = None) -> None:
         super().__init__(name, control_endpoint)
-        self.cam_id = camera["id"]
-        self.fps = float(camera["fps"])
+        self.cam_id = camera.id
+        self.fps = float(camera.fps)
         self.source = source if source is not None else make_source(camera)
         self.out = self.socket(zmq.DEALER, frames_endpoint, bind=False, hwm=4)
         self.pending: collections.deque[list] = collections.deque()
@@ -142,5 +144,5 @@ class CaptureStage(Stage):
         self.source.close()
 
 
-def run(**kwargs: object) -> int:
+def run(**kwargs: Any) -> int:  # the stage's keyword arguments (StageSpec.kwargs)
     return CaptureStage(**kwargs).run()

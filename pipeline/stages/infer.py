@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import collections
 import time
+from typing import Any
 
 import numpy as np
 import torch
 import zmq
 
+from knitwatch.config.settings import InferenceConfig
 from knitwatch.pipeline import wire
 from knitwatch.pipeline.decision.regions import frame_score
 from knitwatch.pipeline.detector import Detector, load_detector
@@ -31,18 +33,18 @@ _BATCH_BINS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 class InferStage(Stage):
     def __init__(self, name: str, control_endpoint: str, *, tiles_endpoint: str, results_endpoint: str,
-                 checkpoint: str, device: str = "auto", max_batch_tiles: int = 64, max_wait_ms: float = 50.0,
-                 backend: str = "auto", detector: Detector | None = None) -> None:
+                 checkpoint: str, inference: InferenceConfig, detector: Detector | None = None) -> None:
         super().__init__(name, control_endpoint)
         self.inp = self.socket(zmq.DEALER, tiles_endpoint, bind=False, hwm=8, linger_ms=0)  # credits only
         self.out = self.socket(zmq.PUSH, results_endpoint, bind=False, hwm=4)
-        self.max_tiles = max_batch_tiles
-        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_tiles = inference.max_batch_tiles
+        self.max_wait_s = inference.max_wait_ms / 1000.0
         self.model_ms: collections.deque[float] = collections.deque(maxlen=500)
         self.batch_hist: collections.Counter[int] = collections.Counter()
         self.extra["ready"] = False
         self.heartbeat(force=True)  # the supervisor sees us alive while the model loads
-        self.det = detector if detector is not None else load_detector(checkpoint, device, backend)
+        self.det = (detector if detector is not None
+                    else load_detector(checkpoint, inference.device, inference.backend))
         self.det.warm_up()
         self.extra.update(ready=True, device=self.det.device, model=self.det.kind)
         self.pending: list[wire.Message] = []
@@ -136,5 +138,5 @@ class InferStage(Stage):
             self._run_batch()
 
 
-def run(**kwargs: object) -> int:
+def run(**kwargs: Any) -> int:  # the stage's keyword arguments (StageSpec.kwargs)
     return InferStage(**kwargs).run()

@@ -16,40 +16,41 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+from typing import Any
 
 import numpy as np
 import zmq
 
+from knitwatch.config.settings import CameraConfig, TilingConfig
 from knitwatch.pipeline import wire
 from knitwatch.pipeline.preprocess import PreprocessConfig, Preprocessor
 from knitwatch.pipeline.stages.common import Stage
 
 
-def camera_preprocessors(preprocess: dict, cameras: list[dict], *, scale: float | None = None,
-                         refresh_frames: int = 50) -> dict[str, Preprocessor]:
+def camera_preprocessors(preprocess: dict, cameras: list[CameraConfig],
+                         tiling: TilingConfig) -> dict[str, Preprocessor]:
     """One live preprocessor per camera: the checkpoint's config with the camera's ROI (and an
-    installation-wide fixed scale, when given)."""
+    installation-wide fixed scale, when ``tiling.scale`` is set)."""
     base = PreprocessConfig.from_dict(preprocess)
     out = {}
     for cam in cameras:
         params = base.params
-        if cam.get("roi") is not None:
-            params = dataclasses.replace(params, roi=tuple(cam["roi"]))
+        if cam.roi is not None:
+            params = dataclasses.replace(params, roi=cam.roi)
         target = base.target_pitch
-        if scale is not None:
-            params, target = dataclasses.replace(params, scale=scale), None
-        out[cam["id"]] = Preprocessor(PreprocessConfig(params, target), every=refresh_frames)
+        if tiling.scale is not None:
+            params, target = dataclasses.replace(params, scale=tiling.scale), None
+        out[cam.id] = Preprocessor(PreprocessConfig(params, target), every=tiling.pitch_refresh_frames)
     return out
 
 
 class TilerStage(Stage):
     def __init__(self, name: str, control_endpoint: str, *, frames_endpoint: str, tiles_endpoint: str,
-                 preprocess: dict, cameras: list[dict], scale: float | None = None,
-                 refresh_frames: int = 50) -> None:
+                 preprocess: dict, cameras: list[CameraConfig], tiling: TilingConfig) -> None:
         super().__init__(name, control_endpoint)
         self.inp = self.socket(zmq.ROUTER, frames_endpoint, bind=True, hwm=8, linger_ms=0)  # credits only
         self.out = self.socket(zmq.ROUTER, tiles_endpoint, bind=True, hwm=8)
-        self.pre = camera_preprocessors(preprocess, cameras, scale=scale, refresh_frames=refresh_frames)
+        self.pre = camera_preprocessors(preprocess, cameras, tiling)
         self.poller = zmq.Poller()
         self.poller.register(self.inp, zmq.POLLIN)
         self.poller.register(self.out, zmq.POLLIN)
@@ -141,5 +142,5 @@ class TilerStage(Stage):
         self.counters["lost_at_shutdown"] += len(self.waiting)
 
 
-def run(**kwargs: object) -> int:
+def run(**kwargs: Any) -> int:  # the stage's keyword arguments (StageSpec.kwargs)
     return TilerStage(**kwargs).run()

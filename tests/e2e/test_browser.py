@@ -21,14 +21,17 @@ from pathlib import Path
 import cv2
 import pytest
 
-from knitwatch.daemon.api.app import ApiServer, StaticView, create_app
+from knitwatch.config import Settings
+from knitwatch.config.settings import PlcConfig
+from knitwatch.daemon.api.app import ApiServer, create_app
+from knitwatch.daemon.api.deps import StaticView
 from knitwatch.pipeline.actions import ActionRunner
 from knitwatch.pipeline.actions.modbus import ModbusDriver
+from knitwatch.pipeline.actions.simplc import SimulatedPlc
 from knitwatch.pipeline.store.database import Store
-from tests.integration.test_actions import ModbusPlc
-from tests.integration.test_api import SNAPSHOT, make_settings, populate_store
+from tests.helpers.api import SNAPSHOT
+from tests.helpers.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -122,15 +125,15 @@ def save_shot(drv, path: Path, max_kb: int = 300) -> Path:  # noqa: ANN001
     return path
 
 
-def test_gallery_page_in_headless_chromium(chrome, tmp_path: Path) -> None:  # noqa: ANN001
+def test_gallery_page_in_headless_chromium(chrome, plc: SimulatedPlc, populated: tuple[Settings, list[int]],  # noqa: ANN001
+                                           tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
-    settings = make_settings(tmp_path)
-    ids = populate_store(settings.store.path)
-    plc = ModbusPlc().start()
+    settings, ids = populated
     store = Store(settings.store.path, create=False, fsync=False)
-    driver = ModbusDriver("127.0.0.1", plc.port, stop_address=0, alarm_address=2, heartbeat_address=1)
-    runner = ActionRunner(driver, store=store, ack_poll_s=0.1, heartbeat_idle_s=0).start()
+    cfg = PlcConfig(driver="modbus", port=plc.port, stop_address=0, alarm_address=2, heartbeat_address=1,
+                    heartbeat_idle_s=0)
+    runner = ActionRunner(ModbusDriver(cfg), cfg, store=store, ack_poll_s=0.1).start()
     server = ApiServer(create_app(settings, StaticView(SNAPSHOT, healthy=True)), "127.0.0.1", 0).start()
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -203,7 +206,6 @@ def test_gallery_page_in_headless_chromium(chrome, tmp_path: Path) -> None:  # n
         server.stop()
         runner.stop()
         store.close()
-        plc.stop()
     print(f"screenshots: {shots}")
     for p in shots.iterdir():
         assert p.stat().st_size < 300 * 1024

@@ -11,10 +11,8 @@ model and the default thresholds, until the scheduled hole stops the machine.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -22,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from knitwatch.pipeline.store.database import Store, StoreError
-from tests.integration.test_actions import free_port
+from tests.helpers.cli import KNITWATCH, clean_env
+from tests.helpers.net import free_port
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -56,13 +55,12 @@ def run_demo(tmp_path: Path, extra: list[str], *, timeout: float, until_stop: bo
              check_api: bool = True) -> tuple[int, str, dict, dict | None, dict]:
     work = tmp_path / "demo"
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KNITWATCH_")}
     out_path = tmp_path / "stdout.txt"
     api: dict = {}
     with open(out_path, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "knitwatch.daemon", "demo", "--workdir", str(work), "--port",
+        proc = subprocess.Popen([*KNITWATCH, "demo", "--workdir", str(work), "--port",
                                  str(port), "--quiet", "--duration", str(timeout), *extra],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+                                stdout=out, stderr=subprocess.STDOUT, env=clean_env(), cwd=tmp_path)
     event = None
     try:
         deadline = time.monotonic() + timeout + 60

@@ -9,7 +9,7 @@ from typing import Any
 
 import zmq
 
-from knitwatch.daemon.supervisor import _child
+from knitwatch.daemon.supervisor import run_stage
 from knitwatch.pipeline import wire
 
 
@@ -20,7 +20,7 @@ class StageUnderTest:
         self.control_ep = f"ipc://{tmp}/control.sock"
         self.control.bind(self.control_ep)
         self.proc = mp.get_context("spawn").Process(
-            target=_child, args=(module, name, {"control_endpoint": self.control_ep, **kwargs}, "WARNING", "json")
+            target=run_stage, args=(module, name, {"control_endpoint": self.control_ep, **kwargs}, "WARNING", "json")
         )
         self.proc.start()
         self.stats: dict[str, Any] = {}

@@ -3,108 +3,21 @@ PLC, a real OPC UA server (when asyncua is installed), real subprocesses for the
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 import sys
 import textwrap
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from knitwatch.config.settings import PlcConfig
 from knitwatch.pipeline.actions import ActionError, ActionRunner, BrokenDriver, Job, LogDriver, build_driver, event_env
 from knitwatch.pipeline.actions.command import CommandDriver
 from knitwatch.pipeline.actions.modbus import ModbusDriver
+from knitwatch.pipeline.actions.simplc import SimulatedPlc
 from knitwatch.pipeline.decision.regions import Region
 from knitwatch.pipeline.decision.severity import SeverityClass, classify
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred: Callable[[], object], timeout: float = 5.0, interval: float = 0.002) -> float:
-    """Seconds until ``pred()`` is true; AssertionError after ``timeout``."""
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-    return time.monotonic() - t0
-
-
-class ModbusPlc:
-    """A real pymodbus Modbus TCP server on loopback (in a thread) standing in for the machine's PLC:
-    32 coils, 32 holding registers, all zero at start (like a PLC after power-up)."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.server = None
-        self.thread: threading.Thread | None = None
-
-    def start(self) -> ModbusPlc:
-        from pymodbus.server import ModbusTcpServer
-        from pymodbus.simulator import DataType, SimData, SimDevice
-
-        ready = threading.Event()
-        self.loop = asyncio.new_event_loop()
-
-        def serve() -> None:
-            asyncio.set_event_loop(self.loop)
-
-            async def main() -> None:
-                bits = [SimData(0, count=32, values=False, datatype=DataType.BITS)]
-                regs = [SimData(0, count=32, values=0, datatype=DataType.REGISTERS)]
-                device = SimDevice(id=0, simdata=(bits, list(bits), regs, list(regs)))
-                self.server = ModbusTcpServer(device, address=("127.0.0.1", self.port))
-                await self.server.serve_forever(background=True)
-                ready.set()
-                await self.server.serving
-
-            self.loop.run_until_complete(main())
-
-        self.thread = threading.Thread(target=serve, daemon=True)
-        self.thread.start()
-        assert ready.wait(10), "the Modbus server did not start"
-        return self
-
-    def _get(self, func_code: int, address: int) -> int:
-        fut = asyncio.run_coroutine_threadsafe(self.server.async_getValues(1, func_code, address, 1), self.loop)
-        return int(fut.result(5)[0])
-
-    def coil(self, address: int) -> bool:
-        return bool(self._get(1, address))
-
-    def register(self, address: int) -> int:
-        return self._get(3, address)
-
-    def stop(self) -> None:
-        if self.server is not None:
-            asyncio.run_coroutine_threadsafe(self.server.shutdown(), self.loop).result(5)
-            self.thread.join(5)
-            self.server = None
-
-
-@pytest.fixture
-def plc():
-    p = ModbusPlc().start()
-    yield p
-    p.stop()
-
-
-def sample(fn: Callable[[], object], seconds: float, interval: float = 0.02) -> list[object]:
-    out = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        out.append(fn())
-        time.sleep(interval)
-    return out
+from tests.helpers.net import free_port, sample, wait_for
 
 
 def test_severity_classes() -> None:
@@ -122,8 +35,8 @@ def test_severity_classes() -> None:
         SeverityClass.from_dict({"name": "x", "action": "explode"})
 
 
-def test_modbus_driver_writes_reads_back_and_beats(plc: ModbusPlc) -> None:
-    d = ModbusDriver("127.0.0.1", plc.port, stop_address=3, alarm_address=4, heartbeat_address=5)
+def test_modbus_driver_writes_reads_back_and_beats(plc: SimulatedPlc) -> None:
+    d = ModbusDriver(PlcConfig(driver="modbus", port=plc.port, stop_address=3, alarm_address=4, heartbeat_address=5))
     assert d.set_outputs(True, False)["read_back"]
     assert plc.coil(3) and plc.coil(4)
     assert d.read_outputs() == (True, True)
@@ -136,7 +49,8 @@ def test_modbus_driver_writes_reads_back_and_beats(plc: ModbusPlc) -> None:
     d.set_outputs(False, False)
     assert not plc.coil(4)
 
-    r = ModbusDriver("127.0.0.1", plc.port, output="register", stop_address=10, heartbeat_address=11, stop_value=7)
+    r = ModbusDriver(PlcConfig(driver="modbus", port=plc.port, output="register", stop_address=10,
+                               heartbeat_address=11, stop_value=7))
     r.set_outputs(True, True)
     assert plc.register(10) == 7 and r.read_outputs() == (True, True)
     r.heartbeat(300)
@@ -145,7 +59,7 @@ def test_modbus_driver_writes_reads_back_and_beats(plc: ModbusPlc) -> None:
     assert plc.register(10) == 0
 
     with pytest.raises(ActionError, match="refused"):
-        ModbusDriver("127.0.0.1", plc.port, stop_address=100).set_outputs(True, False)  # no such coil
+        ModbusDriver(PlcConfig(driver="modbus", port=plc.port, stop_address=100)).set_outputs(True, False)  # no coil
     plc.stop()
     with pytest.raises(ActionError):
         d.set_outputs(True, False)
@@ -155,8 +69,10 @@ def test_modbus_driver_writes_reads_back_and_beats(plc: ModbusPlc) -> None:
 
 def test_runner_retries_until_the_plc_comes_up_and_keeps_the_latch(tmp_path: Path) -> None:
     port = free_port()
-    driver = ModbusDriver("127.0.0.1", port, stop_address=0, heartbeat_address=1, timeout_s=0.5)
-    runner = ActionRunner(driver, heartbeat_s=0.1, heartbeat_idle_s=0, retry_initial_s=0.05, retry_max_s=0.2).start()
+    cfg = PlcConfig(driver="modbus", port=port, stop_address=0, heartbeat_address=1, timeout_s=0.5, heartbeat_s=0.1,
+                    heartbeat_idle_s=0, retry_initial_s=0.05, retry_max_s=0.2)
+    driver = ModbusDriver(cfg)
+    runner = ActionRunner(driver, cfg).start()
     plc = None
     try:
         runner.submit(Job("event", "stop", "c", event_id=1))
@@ -164,14 +80,13 @@ def test_runner_retries_until_the_plc_comes_up_and_keeps_the_latch(tmp_path: Pat
         s = runner.stats()
         assert s["pending"] == 1 and not s["plc_connected"] and s["latched"] and "cannot connect" in s["last_error"]
         assert s["retry_in_s"] <= 0.2 + 1e-6  # the back-off is capped at retry_max_s
-        plc = ModbusPlc(port).start()
+        plc = SimulatedPlc(port=port).start()
         wait_for(lambda: plc.coil(0), timeout=10)
         wait_for(lambda: runner.stats()["pending"] == 0 and runner.stats()["plc_connected"])
         beats = sample(lambda: plc.coil(1), 0.6)
         assert True in beats and False in beats  # the heartbeat toggles
 
-        plc.stop()  # the PLC restarts and forgets its coils: the stop lands again
-        plc = ModbusPlc(port).start()
+        plc.restart()  # the PLC restarts and forgets its coils: the stop lands again
         wait_for(lambda: plc.coil(0), timeout=3)
         assert runner.stats().get("outputs_rewritten", 0) + runner.stats()["failures"] >= 1
 
@@ -205,7 +120,8 @@ RELAY = textwrap.dedent("""
 def test_command_driver_runs_a_program_with_the_event_in_its_environment(tmp_path: Path) -> None:
     script = tmp_path / "relay.py"
     script.write_text(RELAY)
-    runner = ActionRunner(CommandDriver([sys.executable, str(script), str(tmp_path)]), retry_initial_s=0.05).start()
+    cfg = PlcConfig(driver="command", command=[sys.executable, str(script), str(tmp_path)], retry_initial_s=0.05)
+    runner = ActionRunner(CommandDriver(cfg), cfg).start()
     try:
         record = {"event_id": 42, "camera": "cam0", "severity": "major", "action": "stop", "image_score": 2.5,
                   "seq": 17, "time": "2026-01-01T00:00:00.000Z", "t_wall_ns": 1767225600000000000,
@@ -233,7 +149,8 @@ def test_command_driver_runs_a_program_with_the_event_in_its_environment(tmp_pat
     finally:
         runner.stop()
 
-    broken = ActionRunner(CommandDriver(["/nonexistent/relay"]), retry_initial_s=0.05, retry_max_s=0.1).start()
+    cfg = PlcConfig(driver="command", command=["/nonexistent/relay"], retry_initial_s=0.05, retry_max_s=0.1)
+    broken = ActionRunner(CommandDriver(cfg), cfg).start()
     try:
         broken.submit(Job("event", "alarm", "cam0", event_id=1))
         wait_for(lambda: broken.stats()["failures"] >= 2)
@@ -250,7 +167,8 @@ def test_log_driver_and_a_driver_that_cannot_load() -> None:
         assert runner.stats()["latched"] and runner.stats()["plc_connected"]
     finally:
         runner.stop()
-    broken = ActionRunner(BrokenDriver("opcua", "asyncua missing"), retry_initial_s=0.05, retry_max_s=0.1).start()
+    broken = ActionRunner(BrokenDriver("opcua", "asyncua missing"), PlcConfig(retry_initial_s=0.05, retry_max_s=0.1)
+                          ).start()
     try:
         assert broken.submit(Job("event", "stop", "c", event_id=-1))  # never blocks
         wait_for(lambda: broken.stats()["failures"] >= 2)
@@ -258,7 +176,7 @@ def test_log_driver_and_a_driver_that_cannot_load() -> None:
     finally:
         broken.stop(flush_s=0)
     with pytest.raises(ValueError):
-        build_driver({"driver": "carrier-pigeon"})
+        build_driver(PlcConfig.model_construct(driver="carrier-pigeon"))  # the schema refuses it; unchecked here
 
 
 def test_opcua_driver_writes_nodes(tmp_path: Path) -> None:
@@ -276,9 +194,9 @@ def test_opcua_driver_writes_nodes(tmp_path: Path) -> None:
         nodes[name] = obj.add_variable(ua.NodeId(name, idx), name, False, ua.VariantType.Boolean)
         nodes[name].set_writable()
     server.start()
-    driver = build_driver({"driver": "opcua", "opcua_url": f"opc.tcp://127.0.0.1:{port}/knitwatch/",
-                           "opcua_stop_node": f"ns={idx};s=Stop", "opcua_alarm_node": f"ns={idx};s=Alarm",
-                           "opcua_heartbeat_node": f"ns={idx};s=Heartbeat", "timeout_s": 2.0})
+    driver = build_driver(PlcConfig(driver="opcua", opcua_url=f"opc.tcp://127.0.0.1:{port}/knitwatch/",
+                                    opcua_stop_node=f"ns={idx};s=Stop", opcua_alarm_node=f"ns={idx};s=Alarm",
+                                    opcua_heartbeat_node=f"ns={idx};s=Heartbeat", timeout_s=2.0))
     try:
         driver.set_outputs(True, False)
         assert nodes["Stop"].read_value() is True and nodes["Alarm"].read_value() is True

@@ -10,37 +10,40 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
 
+from knitwatch.config.settings import AlertConfig, CameraConfig, PlcConfig, SeverityClassConfig, StoreConfig
 from knitwatch.pipeline import wire
+from knitwatch.pipeline.actions.simplc import SimulatedPlc
 from knitwatch.pipeline.store.database import FILE_KINDS, Store
+from tests.helpers.net import free_port, sample, wait_for
 from tests.helpers.stages import StageUnderTest
-from tests.integration.test_actions import ModbusPlc, free_port, sample, wait_for
 
-CAM = {"id": "c", "roi": None, "pixel_threshold": None}
-ALERT = {"confirm_k": 2, "confirm_n": 3, "min_area_px": 4, "cooldown_frames": 10, "image_threshold": None,
-         "pixel_threshold": None,
-         "severity": [{"name": "major", "action": "stop", "min_area_px": 50}, {"name": "minor", "action": "alarm"}]}
+CAM = CameraConfig(id="c")
+ALERT = AlertConfig(confirm_k=2, confirm_n=3, min_area_px=4, cooldown_frames=10,
+                    severity=[SeverityClassConfig(name="major", action="stop", min_area_px=50),
+                              SeverityClassConfig(name="minor", action="alarm")])
 H, W = 480, 640
 
 
-def plc_cfg(port: int, **kw: object) -> dict:
-    return {"driver": "modbus", "host": "127.0.0.1", "port": port, "stop_address": 0, "heartbeat_address": 1,
-            "heartbeat_s": 0.1, "heartbeat_idle_s": 0, "retry_initial_s": 0.05, "retry_max_s": 0.3, "timeout_s": 0.5,
-            **kw}
+def plc_cfg(port: int, **kw: Any) -> PlcConfig:  # noqa: ANN401
+    return PlcConfig(**{"driver": "modbus", "host": "127.0.0.1", "port": port, "stop_address": 0,
+                        "heartbeat_address": 1, "heartbeat_s": 0.1, "heartbeat_idle_s": 0, "retry_initial_s": 0.05,
+                        "retry_max_s": 0.3, "timeout_s": 0.5, **kw})
 
 
 class Alert:
     """A running alert stage and a PUSH socket to feed it results."""
 
-    def __init__(self, run_dir: Path, store_dir: Path, plc: dict) -> None:
+    def __init__(self, run_dir: Path, store_dir: Path, plc: PlcConfig) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         ep = f"ipc://{run_dir}/r.sock"
         self.stage = StageUnderTest(run_dir, "knitwatch.pipeline.stages.alert", "alert", results_endpoint=ep,
                                     thresholds={"image": 1.0, "pixel": 0.5}, alert=ALERT, cameras=[CAM], plc=plc,
-                                    store={"path": str(store_dir), "fsync": False},
+                                    store=StoreConfig(path=store_dir, fsync=False),
                                     model={"kind": "efficientad", "id": "ckpt-test-1"})
         self.push = self.stage.socket(zmq.PUSH, ep, bind=False)
         self.frame = np.random.default_rng(0).integers(60, 200, (H, W), dtype=np.uint8)
@@ -64,7 +67,7 @@ def knitwatch_ack(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_confirmed_defect_stops_the_machine_and_ack_resets_it(tmp_path: Path) -> None:
-    plc = ModbusPlc().start()
+    plc = SimulatedPlc().start()
     store_dir = tmp_path / "store"
     a = Alert(tmp_path / "run", store_dir, plc_cfg(plc.port))
     try:
@@ -118,7 +121,7 @@ def test_confirmed_defect_stops_the_machine_and_ack_resets_it(tmp_path: Path) ->
 
 
 def test_isolated_false_alarms_do_not_stop_and_the_heartbeat_follows_inspection(tmp_path: Path) -> None:
-    plc = ModbusPlc().start()
+    plc = SimulatedPlc().start()
     a = Alert(tmp_path / "run", tmp_path / "store", plc_cfg(plc.port, heartbeat_idle_s=1.0, alarm_address=2))
     try:
         a.stats(lambda s: s.get("actions", {}).get("plc_connected"))
@@ -190,7 +193,7 @@ def test_stop_lands_when_the_plc_comes_up_and_survives_a_killed_inspector(tmp_pa
         ev = store.list_events()["items"][0]
         assert ev["action_state"] == "pending"  # the row was committed before the action ran
 
-        plc = ModbusPlc(port).start()
+        plc = SimulatedPlc(port=port).start()
         t0 = time.monotonic()
         wait_for(lambda: plc.coil(0), timeout=5)
         assert time.monotonic() - t0 < 2.0
@@ -201,7 +204,7 @@ def test_stop_lands_when_the_plc_comes_up_and_survives_a_killed_inspector(tmp_pa
         os.kill(a.stage.proc.pid, signal.SIGKILL)  # the inspector dies ...
         a.stage.proc.join(5)
         plc.stop()  # ... and the PLC restarts meanwhile (its coils come back 0)
-        plc = ModbusPlc(port).start()
+        plc = SimulatedPlc(port=port).start()
         assert not plc.coil(0)
     finally:
         a.stage.stop()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from knitwatch.daemon.bench import accuracy as ba
-from knitwatch.daemon.cli.main import CliError
+from knitwatch.daemon.cli.common import CliError
 
 
 def _result(label: str, amap: np.ndarray, mask: np.ndarray | None, valid: np.ndarray | None = None):
@@ -75,7 +75,7 @@ def test_parser_and_settings():
 
 
 def _quick(tmp_path, models: list[str], extra: tuple[str, ...] | list[str] = ()) -> int:
-    from knitwatch.models.efficientad.model import random_teacher
+    from knitwatch.models.efficientad.teacher import random_teacher
 
     teacher = tmp_path / "teacher.pth"
     torch.save(random_teacher("s", seed=0).state_dict, teacher)  # no distillation: keeps the test short

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from knitwatch.daemon.bench.pipeline import detection_report
+from knitwatch.daemon.bench.detection import detection_report
 
 
 def row(seq: int, defects: list[dict], event: bool = False, action: str | None = None) -> dict:

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from knitwatch.config.settings import AlertConfig, CameraConfig, InferenceConfig, TilingConfig
 from knitwatch.pipeline import wire
 from knitwatch.pipeline.preprocess import PreprocessConfig, PreprocessParams, TileGrid, preprocess
 from tests.helpers.stages import GARBAGE, StageUnderTest
 
-CAM = {"id": "c", "roi": None, "pixel_threshold": None}
+CAM = CameraConfig(id="c")
 
 
 def frame_header(seq: int) -> dict:
@@ -24,7 +25,7 @@ def test_tiler_survives_garbage_and_tiles_frames(tmp_path: Path) -> None:
     pre = PreprocessConfig(PreprocessParams(tile=32, stride=32)).to_dict()
     st = StageUnderTest(tmp_path, "knitwatch.pipeline.stages.tiler", "tiler",
                         frames_endpoint=f"ipc://{tmp_path}/f.sock", tiles_endpoint=f"ipc://{tmp_path}/t.sock",
-                        preprocess=pre, cameras=[CAM])
+                        preprocess=pre, cameras=[CAM], tiling=TilingConfig())
     try:
         cap = st.socket(zmq.DEALER, f"ipc://{tmp_path}/f.sock", bind=False)  # plays a capture process
         worker = st.socket(zmq.DEALER, f"ipc://{tmp_path}/t.sock", bind=False)  # plays an inference worker
@@ -60,11 +61,10 @@ def test_tiler_survives_garbage_and_tiles_frames(tmp_path: Path) -> None:
 
 def test_alert_survives_garbage_and_decides(tmp_path: Path) -> None:
     decisions = tmp_path / "decisions.jsonl"
-    alert = {"confirm_k": 2, "confirm_n": 3, "min_area_px": 4, "cooldown_frames": 10,
-             "image_threshold": None, "pixel_threshold": None}
+    alert = AlertConfig(confirm_k=2, confirm_n=3, min_area_px=4, cooldown_frames=10, decisions_log=decisions)
     st = StageUnderTest(tmp_path, "knitwatch.pipeline.stages.alert", "alert",
                         results_endpoint=f"ipc://{tmp_path}/r.sock", thresholds={"image": 1.0, "pixel": 0.5},
-                        alert=alert, cameras=[CAM], decisions_path=str(decisions))
+                        alert=alert, cameras=[CAM])
     try:
         push = st.socket(zmq.PUSH, f"ipc://{tmp_path}/r.sock", bind=False)
         for parts in GARBAGE:
@@ -92,7 +92,8 @@ def untrained_checkpoint(path: Path, tile: int = 48) -> Path:
     """A real EfficientAD-S checkpoint with untrained weights and set thresholds (transport tests only)."""
     import torch
 
-    from knitwatch.models.efficientad.model import EfficientAD, save_model
+    from knitwatch.models.base import save_model
+    from knitwatch.models.efficientad.model import EfficientAD
 
     torch.manual_seed(0)
     model = EfficientAD(size="s", tile_size=tile)
@@ -108,7 +109,8 @@ def test_infer_survives_garbage_and_answers(tmp_path: Path) -> None:
     tiler.bind(f"ipc://{tmp_path}/t.sock")
     st = StageUnderTest(tmp_path, "knitwatch.pipeline.stages.infer", "infer.0",
                         tiles_endpoint=f"ipc://{tmp_path}/t.sock", results_endpoint=f"ipc://{tmp_path}/r.sock",
-                        checkpoint=str(ckpt), device="cpu", max_batch_tiles=8, max_wait_ms=10)
+                        checkpoint=str(ckpt),
+                        inference=InferenceConfig(device="cpu", max_batch_tiles=8, max_wait_ms=10))
     st.sockets.append(tiler)
     try:
         results = st.socket(zmq.PULL, f"ipc://{tmp_path}/r.sock", bind=True)
@@ -144,7 +146,7 @@ def test_capture_survives_garbage_and_sends_against_credit(tmp_path: Path) -> No
         cv2.imwrite(str(folder / f"{i}.png"), np.full((32, 48), 40 * (i + 1), np.uint8))
     tiler = zmq.Context.instance().socket(zmq.ROUTER)  # plays the tiler
     tiler.bind(f"ipc://{tmp_path}/f.sock")
-    cam = {"id": "c", "source": "folder", "uri": str(folder), "fps": 20.0, "loop": True}
+    cam = CameraConfig(id="c", source="folder", uri=str(folder), fps=20.0, loop=True)
     st = StageUnderTest(tmp_path, "knitwatch.pipeline.stages.capture", "capture.c", camera=cam,
                         frames_endpoint=f"ipc://{tmp_path}/f.sock")
     st.sockets.append(tiler)

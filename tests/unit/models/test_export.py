@@ -16,9 +16,10 @@ pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
 from knitwatch.daemon.cli import export as cmd_export  # noqa: E402
-from knitwatch.daemon.cli.main import CliError  # noqa: E402
+from knitwatch.daemon.cli.common import CliError  # noqa: E402
+from knitwatch.models.base import save_model  # noqa: E402
 from knitwatch.models.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from knitwatch.models.efficientad.model import EfficientAD, save_model  # noqa: E402
+from knitwatch.models.efficientad.model import EfficientAD  # noqa: E402
 from knitwatch.models.efficientad.train import calibrate  # noqa: E402
 from knitwatch.models.export import (  # noqa: E402
     TileGraph,

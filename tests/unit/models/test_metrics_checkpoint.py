@@ -10,20 +10,20 @@ import pytest
 import torch
 from torch import nn
 
-from knitwatch.models import checkpoint as ckpt_mod
+from knitwatch.models import registry as ckpt_mod
+from knitwatch.models.base import save_model
+from knitwatch.models.calibration import calibrate_f1_threshold, quantile_threshold
 from knitwatch.models.checkpoint import (
     FORMAT_NAME,
     FORMAT_VERSION,
     Checkpoint,
     CheckpointError,
-    build_model,
     load_checkpoint,
-    register_model_kind,
     save_checkpoint,
 )
-from knitwatch.models.efficientad.model import EfficientAD, save_model
-from knitwatch.models.efficientad.train import calibrate_f1_threshold, quantile_threshold
+from knitwatch.models.efficientad.model import EfficientAD
 from knitwatch.models.metrics import au_pro, auroc, best_f1_threshold, f1_at_threshold, roc_curve
+from knitwatch.models.registry import build_model, register_model_kind
 
 # ------------------------------------------------------------------------------------------------
 # metrics

@@ -11,8 +11,8 @@ import torchvision
 
 from knitwatch.models.backbones import extractor as backbones
 from knitwatch.models.backbones.extractor import BackboneWeightsMissingError, MultiScaleExtractor, default_backbone
-from knitwatch.models.checkpoint import build_model, known_kinds, load_checkpoint
-from knitwatch.models.efficientad.model import save_model
+from knitwatch.models.base import save_model
+from knitwatch.models.checkpoint import load_checkpoint
 from knitwatch.models.msflow.model import (
     KINDS,
     MSFlow,
@@ -24,6 +24,7 @@ from knitwatch.models.msflow.model import (
     topk_mean,
 )
 from knitwatch.models.msflow.train import lr_factor, train_msflow
+from knitwatch.models.registry import build_model, known_kinds
 from knitwatch.pipeline.sources.knitsim import FabricSpec, render_sample
 
 SMALL = {"flow_blocks": (1, 1, 1), "hidden_ratio": 0.25, "pe_channels": 8}

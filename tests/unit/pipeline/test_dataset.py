@@ -15,9 +15,8 @@ from knitwatch.pipeline.offline import dataset as ds
 from knitwatch.pipeline.offline.dataset import DatasetError, build_dataset, discover_images
 from knitwatch.pipeline.preprocess import PreprocessConfig, PreprocessParams, estimate_pitch
 from knitwatch.pipeline.sources.knitsim import FabricSpec, render_fabric, render_sample
+from tests.helpers.paths import AITEX, needs_aitex
 
-ROOT = Path(__file__).resolve().parents[3]
-AITEX = ROOT.parent / "shared" / "data" / "aitex-dev"
 
 def fabric(h: int, w: int, pitch: float, seed: int = 0) -> np.ndarray:
     """Knitted jersey from the project's simulator, uint8 gray."""
@@ -239,7 +238,7 @@ def test_output_must_be_new_and_failures_leave_nothing(tmp_path: Path, monkeypat
 
 
 @pytest.mark.data
-@pytest.mark.skipif(not (AITEX / "fabric01").is_dir(), reason=f"real fabric data not present at {AITEX / 'fabric01'}")
+@needs_aitex("fabric01")
 def test_aitex_fabric01_subset(tmp_path: Path) -> None:
     fab = AITEX / "fabric01"
     src = tmp_path / "fabric01"

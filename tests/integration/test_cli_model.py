@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_cli import knitwatch
+from tests.helpers.cli import knitwatch
 
 
 @pytest.fixture(scope="module")

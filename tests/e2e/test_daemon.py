@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import numpy as np
 import pytest
 
 from knitwatch.pipeline.offline.demo import train_simulator_model
+from tests.helpers.cli import KNITWATCH, clean_env
+from tests.helpers.net import free_port, wait_for
 
 W, H, TILE = 256, 128, 64
 SPEED, REV = 24.0, 60
@@ -55,7 +56,7 @@ def write_config(tmp: Path) -> Path:
 
 
 def json_to_toml(cfg: dict) -> str:
-    from knitwatch.daemon.cli.main import to_toml
+    from knitwatch.daemon.cli.common import to_toml
 
     return to_toml(cfg)
 
@@ -73,17 +74,6 @@ def read_json_lines(path: Path) -> list[dict]:
     return out
 
 
-def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the daemon exited with code {proc.returncode} while waiting for {what}")
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -96,10 +86,10 @@ def test_daemon_detects_restarts_and_stops_cleanly(tmp_path: Path, tiny_model: P
     cfg = write_config(tmp_path)
     decisions = tmp_path / "decisions.jsonl"
     log_path = tmp_path / "daemon.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KNITWATCH_")}
+    env = clean_env()
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "knitwatch.daemon", "--log-format", "json", "run", "--config", str(cfg),
+            [*KNITWATCH, "--log-format", "json", "run", "--config", str(cfg),
              "--checkpoint", str(tiny_model), "--decisions-log", str(decisions)],
             stdout=logf, stderr=subprocess.STDOUT, env=env,
         )
@@ -108,14 +98,15 @@ def test_daemon_detects_restarts_and_stops_cleanly(tmp_path: Path, tiny_model: P
             return {r["stage_name"]: r["child_pid"] for r in read_json_lines(log_path)
                     if r.get("event") == "stage spawned"}
 
-        wait_for(lambda: len(read_json_lines(decisions)) >= 45, 240, "45 inspected frames", proc)
+        wait_for(lambda: len(read_json_lines(decisions)) >= 45, 240, 0.25, what="45 inspected frames", proc=proc)
         first_infer = started()["infer.0"]
         os.kill(first_infer, signal.SIGKILL)
         n_at_kill = len(read_json_lines(decisions))
-        wait_for(lambda: started().get("infer.0") not in (None, first_infer), 60, "infer restart", proc)
-        wait_for(lambda: len(read_json_lines(decisions)) >= max(n_at_kill + 30, 100), 240, "frames after restart", proc)
+        wait_for(lambda: started().get("infer.0") not in (None, first_infer), 60, 0.25, what="infer restart", proc=proc)
+        wait_for(lambda: len(read_json_lines(decisions)) >= max(n_at_kill + 30, 100), 240, 0.25,
+                 what="frames after restart", proc=proc)
         wait_for(lambda: any(r.get("event") == "stats" and r.get("restarts", {}).get("infer.0") == 1
-                             for r in read_json_lines(log_path)), 30, "the restart in the stats", proc)
+                             for r in read_json_lines(log_path)), 30, 0.25, what="the restart in the stats", proc=proc)
         all_pids = set()
         for r in read_json_lines(log_path):
             if r.get("event") == "stage spawned":
@@ -153,14 +144,6 @@ def test_daemon_detects_restarts_and_stops_cleanly(tmp_path: Path, tiny_model: P
     assert cutline and not any(r["defect"] for r in cutline), "cutline frames were flagged"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_remote_worker_over_tcp(tmp_path: Path, tiny_model: Path) -> None:
     """No local inference worker: frames are inspected by a `knitwatch worker` process over tcp://."""
     tiles_ep, results_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
@@ -169,8 +152,8 @@ def test_remote_worker_over_tcp(tmp_path: Path, tiny_model: Path) -> None:
                                    f'results_endpoint = "{results_ep}"\n')
     cfg.write_text(text)
     decisions = tmp_path / "decisions.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KNITWATCH_")}
-    base = [sys.executable, "-m", "knitwatch.daemon", "--log-format", "json"]
+    env = clean_env()
+    base = [*KNITWATCH, "--log-format", "json"]
     with open(tmp_path / "daemon.log", "w") as dlog, open(tmp_path / "worker.log", "w") as wlog:
         daemon = subprocess.Popen([*base, "run", "--config", str(cfg), "--checkpoint", str(tiny_model),
                                    "--decisions-log", str(decisions)], stdout=dlog, stderr=subprocess.STDOUT, env=env)
@@ -178,8 +161,8 @@ def test_remote_worker_over_tcp(tmp_path: Path, tiny_model: Path) -> None:
                                    "--results", results_ep, "--name", "w1"], stdout=wlog, stderr=subprocess.STDOUT,
                                   env=env)
     try:
-        wait_for(lambda: len(read_json_lines(decisions)) >= 10, 180, "10 frames inspected by the remote worker",
-                 daemon)
+        wait_for(lambda: len(read_json_lines(decisions)) >= 10, 180, 0.25,
+                 what="10 frames inspected by the remote worker", proc=daemon)
         assert worker.poll() is None
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=15) == 0

@@ -1,28 +1,14 @@
-"""The installed `knitwatch` command, run as a user runs it (a real subprocess)."""
+"""The `knitwatch` command itself (`--version`, `--help`, `config check`, the log format), run as a user runs
+it: a real subprocess."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "config" / "knitwatch.example.toml"
-
-
-def knitwatch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("KNITWATCH_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "knitwatch.daemon", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=900,
-    )
+from tests.helpers.cli import knitwatch
+from tests.helpers.paths import EXAMPLE_CONFIG
 
 
 def test_version_and_help() -> None:
@@ -34,7 +20,7 @@ def test_version_and_help() -> None:
 
 
 def test_config_check_prints_effective_settings_as_toml() -> None:
-    r = knitwatch("config", "check", "--config", str(EXAMPLE), env={"KNITWATCH_API__PORT": "9123"})
+    r = knitwatch("config", "check", "--config", str(EXAMPLE_CONFIG), env={"KNITWATCH_API__PORT": "9123"})
     assert r.returncode == 0, r.stderr
     effective = tomllib.loads(r.stdout)  # the printout is itself a valid config
     assert effective["api"]["port"] == 9123
@@ -43,7 +29,7 @@ def test_config_check_prints_effective_settings_as_toml() -> None:
 
 
 def test_config_check_json_and_global_config_option() -> None:
-    r = knitwatch("--config", str(EXAMPLE), "config", "check", "--json")
+    r = knitwatch("--config", str(EXAMPLE_CONFIG), "config", "check", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["store"]["retention_days"] == 30
 
@@ -59,14 +45,14 @@ def test_bad_config_exits_2_naming_each_problem(tmp_path: Path) -> None:
 
 
 def test_bad_env_exits_2() -> None:
-    r = knitwatch("config", "check", "--config", str(EXAMPLE), env={"KNITWATCH_INFERENCE__DEVICE": "tpu"})
+    r = knitwatch("config", "check", "--config", str(EXAMPLE_CONFIG), env={"KNITWATCH_INFERENCE__DEVICE": "tpu"})
     assert r.returncode == 2
     assert "inference.device = 'tpu'" in r.stderr and "KNITWATCH_INFERENCE__DEVICE" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_json_logs_carry_stage() -> None:
-    r = knitwatch("--log-format", "json", "config", "check", "--config", str(EXAMPLE))
+    r = knitwatch("--log-format", "json", "config", "check", "--config", str(EXAMPLE_CONFIG))
     assert r.returncode == 0
     records = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
     assert records and all(rec["stage"] == "cli" for rec in records)

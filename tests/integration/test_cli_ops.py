@@ -14,12 +14,16 @@ import cv2
 import numpy as np
 import pytest
 
-from knitwatch.daemon.api.app import ApiServer, StaticView, create_app
-from knitwatch.daemon.cli.main import main, to_toml
-from knitwatch.daemon.cli.ops import parse_time
+from knitwatch.config import Settings
+from knitwatch.daemon.api.app import ApiServer, create_app
+from knitwatch.daemon.api.deps import StaticView
+from knitwatch.daemon.cli.common import to_toml
+from knitwatch.daemon.cli.main import main
+from knitwatch.pipeline.actions.simplc import SimulatedPlc
 from knitwatch.pipeline.store.database import Store
-from tests.integration.test_actions import ModbusPlc
-from tests.integration.test_api import EVENTS, SNAPSHOT, TOKEN, make_settings, populate_store
+from knitwatch.pipeline.store.queries import parse_time
+from tests.helpers.api import EVENTS, SNAPSHOT, TOKEN, make_settings
+from tests.helpers.net import free_port
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
@@ -30,7 +34,8 @@ def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 
 def untrained_checkpoint(path: Path) -> Path:
     """A complete EfficientAD-S checkpoint for 64 px tiles (weights untrained, thresholds set)."""
-    from knitwatch.models.efficientad.model import EfficientAD, save_model
+    from knitwatch.models.base import save_model
+    from knitwatch.models.efficientad.model import EfficientAD
 
     model = EfficientAD("s", tile_size=64)
     model.image_threshold.fill_(1.0)
@@ -39,32 +44,23 @@ def untrained_checkpoint(path: Path) -> Path:
 
 
 @pytest.fixture
-def setup(tmp_path: Path):
-    settings = make_settings(tmp_path)
-    ids = populate_store(settings.store.path)
+def setup(tmp_path: Path, populated: tuple[Settings, list[int]], plc: SimulatedPlc):
+    settings, ids = populated
     frames = tmp_path / "frames"
     frames.mkdir()
     for i in range(3):
         cv2.imwrite(str(frames / f"{i:03d}.png"), np.full((64, 96), 100 + i, np.uint8))
-    plc = ModbusPlc().start()
     cfg = {
         "cameras": [{"id": "cam0", "source": "simulator", "width": 256, "height": 128},
                     {"id": "cam1", "source": "folder", "uri": str(frames)}],
         "model": {"checkpoint": str(untrained_checkpoint(tmp_path / "model.ckpt"))},
         "store": {"path": str(settings.store.path), "max_gb": 0.05},
         "plc": {"driver": "modbus", "host": "127.0.0.1", "port": plc.port, "stop_address": 0, "heartbeat_address": 1},
-        "api": {"port": free_tcp_port()},
+        "api": {"port": free_port()},
     }
     path = tmp_path / "knitwatch.toml"
     path.write_text(to_toml(cfg))
-    yield path, cfg, ids
-    plc.stop()
-
-
-def free_tcp_port() -> int:
-    from tests.integration.test_actions import free_port
-
-    return free_port()
+    return path, cfg, ids
 
 
 def test_parse_time() -> None:
@@ -203,7 +199,7 @@ def test_doctor(setup, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     assert " OK " in rows["API"]
     # now break things: the PLC is gone, a camera folder is missing, the model is corrupt
     broken = dict(cfg)
-    broken["plc"] = {**cfg["plc"], "port": free_tcp_port(), "timeout_s": 0.5}
+    broken["plc"] = {**cfg["plc"], "port": free_port(), "timeout_s": 0.5}
     broken["cameras"] = [cfg["cameras"][0], {"id": "cam1", "source": "folder", "uri": str(tmp_path / "nope")}]
     bad_model = tmp_path / "bad.ckpt"
     bad_model.write_bytes(b"not a checkpoint")

@@ -1,0 +1,142 @@
+"""``/metrics``: Prometheus metrics read from the daemon's stats and the store at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from knitwatch.daemon.api.deps import DaemonView, StoreHandle
+from knitwatch.pipeline.store.database import StoreError
+
+
+class DaemonCollector:
+    """Prometheus metrics read from the daemon's stats at scrape time."""
+
+    def __init__(self, view: DaemonView, stores: StoreHandle) -> None:
+        self.view = view
+        self.stores = stores
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        snap = self.view.stats_snapshot() or {}
+        health = self.view.health()
+
+        def gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"knitwatch_{name}", doc, labels=labels or [])
+
+        def counter(name: str, doc: str, labels: list[str] | None = None) -> CounterMetricFamily:
+            return CounterMetricFamily(f"knitwatch_{name}", doc, labels=labels or [])
+
+        up = gauge("healthy", "1 when every stage is alive, ready and sending heartbeats")
+        up.add_metric([], 1.0 if health.get("healthy") else 0.0)
+        yield up
+        ready = gauge("ready", "1 once the model is loaded and the cameras run")
+        ready.add_metric([], 1.0 if health.get("ready") else 0.0)
+        yield ready
+        if "uptime_s" in snap:
+            g = gauge("uptime_seconds", "seconds since the daemon started")
+            g.add_metric([], float(snap["uptime_s"]))
+            yield g
+
+        cams = snap.get("cameras") or {}
+        fams = {
+            "fps": gauge("camera_fps", "frames captured per second (recent window)", ["camera"]),
+            "coverage": gauge("inspection_coverage_ratio", "frames inspected / captured (recent window)", ["camera"]),
+            "captured": counter("frames_captured", "frames captured", ["camera"]),
+            "inspected": counter("frames_inspected", "frames inspected", ["camera"]),
+            "dropped": counter("frames_dropped", "frames dropped at capture (inspection behind)", ["camera"]),
+            "events": counter("defect_events", "defect events since the daemon started", ["camera"]),
+            "latency": gauge("latency_seconds", "capture -> decision latency percentiles", ["camera", "quantile"]),
+        }
+        for cam, c in sorted(cams.items()):
+            if c.get("fps") is not None:
+                fams["fps"].add_metric([cam], float(c["fps"]))
+            if c.get("coverage") is not None:
+                fams["coverage"].add_metric([cam], float(c["coverage"]))
+            for key in ("captured", "inspected", "dropped", "events"):
+                if c.get(key) is not None:
+                    fams[key].add_metric([cam], float(c[key]))
+            for q, v in (c.get("latency_ms") or {}).items():
+                if q.startswith("p") and q[1:].isdigit():
+                    fams["latency"].add_metric([cam, f"{int(q[1:]) / 100:g}"], float(v) / 1000.0)
+        yield from fams.values()
+
+        stages = snap.get("stages") or {}
+        restarts = counter("stage_restarts", "restarts of a stage process", ["stage"])
+        alive = gauge("stage_up", "1 while the stage process is alive", ["stage"])
+        model = gauge("model_batch_seconds", "model time per batch (p50/p99) of an inference worker",
+                      ["stage", "quantile"])
+        for name, s in sorted(stages.items()):
+            restarts.add_metric([name], float(s.get("restarts", 0)))
+            alive.add_metric([name], 1.0 if s.get("alive") else 0.0)
+            for q, v in (s.get("model_ms") or {}).items():
+                if q.startswith("p") and q[1:].isdigit():
+                    model.add_metric([name, f"{int(q[1:]) / 100:g}"], float(v) / 1000.0)
+        yield restarts
+        yield alive
+        yield model
+
+        actions = (stages.get("alert") or {}).get("actions") or {}
+        if actions:
+            plc = gauge("plc_connected", "1 while the PLC answers", ["driver"])
+            plc.add_metric([str(actions.get("driver", ""))], 1.0 if actions.get("plc_connected") else 0.0)
+            yield plc
+            fails = counter("plc_failures", "failed PLC requests (retried)")
+            fails.add_metric([], float(actions.get("failures", 0)))
+            yield fails
+        store = self.stores.peek()
+        if store is not None:
+            try:
+                latched = store.latched()
+                st = store.stats()
+            except StoreError:
+                latched, st = None, None
+            if latched is not None:
+                lat = gauge("alarm_latched", "1 while a camera has an unacknowledged stop / alarm",
+                            ["camera", "action"])
+                for cam in sorted(cams) or []:
+                    for action in ("stop", "alarm"):
+                        lat.add_metric([cam, action], 1.0 if cam in latched.get(action, []) else 0.0)
+                yield lat
+            if st is not None and st.get("events", -1) >= 0:
+                g = gauge("store_events", "events in the defect store")
+                g.add_metric([], float(st["events"]))
+                yield g
+                g = gauge("store_bytes", "bytes of event pictures in the defect store")
+                g.add_metric([], float(st["bytes"]))
+                yield g
+
+        gpu = snap.get("gpu") or {}
+        devices = [d for d in gpu.get("devices", []) if "error" not in d]
+        if devices:
+            util = gauge("gpu_utilization_ratio", "GPU utilisation (NVML)", ["gpu", "name"])
+            used = gauge("gpu_memory_used_bytes", "GPU memory used, all processes (NVML)", ["gpu", "name"])
+            total = gauge("gpu_memory_total_bytes", "GPU memory (NVML)", ["gpu", "name"])
+            for d in devices:
+                labels = [str(d["index"]), str(d.get("name", ""))]
+                if "utilization_percent" in d:
+                    util.add_metric(labels, d["utilization_percent"] / 100.0)
+                used.add_metric(labels, float(d["memory_used_bytes"]))
+                total.add_metric(labels, float(d["memory_total_bytes"]))
+            yield util
+            yield used
+            yield total
+        cuda = gpu.get("cuda_memory_allocated_bytes") or {}
+        if cuda:
+            g = gauge("cuda_memory_allocated_bytes", "CUDA memory allocated by PyTorch in an inference worker",
+                      ["stage"])
+            for name, b in sorted(cuda.items()):
+                g.add_metric([name], float(b))
+            yield g
+
+
+def metrics_registry(view: DaemonView, stores: StoreHandle) -> CollectorRegistry:
+    """A registry of its own per app (not the process-wide default one)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(view, stores))
+    return registry

@@ -1,0 +1,16 @@
+"""``knitwatch bench``: the benchmark commands (they print numbers; they are not tests)."""
+
+from __future__ import annotations
+
+import argparse
+
+from knitwatch.daemon.bench import accuracy, detection, model, pipeline
+from knitwatch.daemon.cli.common import add_group
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bsub = add_group(sub, "bench", "benchmarks that print numbers (not tests)", "bench_command")
+    pipeline.register(bsub)
+    model.register(bsub)
+    accuracy.register_accuracy(bsub)
+    detection.register(bsub)
