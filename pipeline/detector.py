@@ -218,8 +218,9 @@ def onnxruntime_installed() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
-def load_detector(path: str | Path, device: str = "auto", backend: str = "auto") -> Detector:
-    """The detector of a checkpoint on ``device`` ('auto', 'cpu', 'cuda') with ``backend`` (`BACKENDS`).
+def load_detector(path: str | Path, device: str, backend: str) -> Detector:
+    """The detector of a checkpoint on ``device`` ('auto', 'cpu', 'cuda') with ``backend`` (`BACKENDS`);
+    ``[inference] device`` and ``backend`` of the config, where the defaults live.
 
     ``auto``: ``onnxruntime`` when the device resolves to the CPU and ONNX Runtime is installed, else
     ``torch``; when the ONNX route fails (the exporter missing or unable to take the model, an export

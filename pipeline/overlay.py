@@ -63,7 +63,7 @@ def region_mask(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     h, w = shape
     if mask is None:
         return np.zeros((h, w), np.uint8)
-    m = np.asarray(mask, dtype=np.uint8)
+    m: np.ndarray = np.asarray(mask, dtype=np.uint8)
     if m.shape != (h, w):
         m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
     return np.where(m > 0, 255, 0).astype(np.uint8)

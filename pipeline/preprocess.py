@@ -559,7 +559,7 @@ def _pad_to(img: np.ndarray, tile: int) -> np.ndarray:
     if ph == 0 and pw == 0:
         return img
     pad = [(0, ph), (0, pw)] + [(0, 0)] * (img.ndim - 2)
-    mode = "reflect" if min(h, w) > 1 else "edge"
+    mode: Literal["reflect", "edge"] = "reflect" if min(h, w) > 1 else "edge"
     return np.pad(img, pad, mode=mode)
 
 
@@ -623,7 +623,7 @@ def stitch(tile_maps: np.ndarray, grid: TileGrid, *, out_shape: str = "frame") -
     acc = np.zeros((ph, pw), np.float64)
     cnt = np.zeros((ph, pw), np.float64)
     for m, (y, x) in zip(maps, grid.coords, strict=True):
-        m32 = np.asarray(m, dtype=np.float32)
+        m32: np.ndarray = np.asarray(m, dtype=np.float32)
         if m32.shape != (t, t):
             m32 = cv2.resize(m32, (t, t), interpolation=cv2.INTER_LINEAR)
         acc[y : y + t, x : x + t] += m32

@@ -10,6 +10,7 @@ raw bytes, sent zero-copy. :func:`decode` checks everything a receiver relies on
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,7 @@ class Message:
         return self.header[key]
 
 
-def encode(kind: str, header: dict[str, Any], arrays: list[np.ndarray] = ()) -> list[Any]:
+def encode(kind: str, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> list[Any]:
     """Multipart frames for ``socket.send_multipart(..., copy=False)``; arrays are sent without copying."""
     if kind not in KINDS:
         raise WireError(f"unknown message kind {kind!r}")
@@ -58,7 +59,7 @@ def encode(kind: str, header: dict[str, Any], arrays: list[np.ndarray] = ()) -> 
         if a.dtype.name not in _DTYPES:
             raise WireError(f"dtype {a.dtype} cannot be sent")
         bufs.append({"shape": list(a.shape), "dtype": a.dtype.name})
-        parts.append(memoryview(a).cast("B") if a.size else b"")
+        parts.append(a.data.cast("B") if a.size else b"")
     head = {**header, "v": VERSION, "kind": kind, "bufs": bufs}
     return [json.dumps(head, separators=(",", ":")).encode(), *parts]
 
@@ -104,7 +105,8 @@ def decode(parts: list[Any]) -> Message:
     return Message(kind, head, arrays)
 
 
-def send(sock: zmq.Socket, kind: str, header: dict[str, Any], arrays: list[np.ndarray] = (), flags: int = 0) -> None:
+def send(sock: zmq.Socket, kind: str, header: dict[str, Any], arrays: Sequence[np.ndarray] = (),
+         flags: int = 0) -> None:
     sock.send_multipart(encode(kind, header, arrays), flags=flags, copy=False)
 
 
@@ -121,6 +123,6 @@ def recv_routed(sock: zmq.Socket, flags: int = 0) -> tuple[bytes, Message]:
     return parts[0].bytes, decode(parts[1:])
 
 
-def send_routed(sock: zmq.Socket, peer: bytes, kind: str, header: dict[str, Any], arrays: list[np.ndarray] = (),
+def send_routed(sock: zmq.Socket, peer: bytes, kind: str, header: dict[str, Any], arrays: Sequence[np.ndarray] = (),
                 flags: int = 0) -> None:
     sock.send_multipart([peer, *encode(kind, header, arrays)], flags=flags, copy=False)

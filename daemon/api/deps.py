@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from fastapi import HTTPException, Request
 
+from knitwatch.config.settings import StoreConfig
 from knitwatch.pipeline.store.database import Store, StoreError
 
 
@@ -47,7 +48,7 @@ class StoreHandle:
         with self._lock:
             if self._store is None:
                 try:
-                    self._store = Store(self.path, create=False, fsync=self.fsync)
+                    self._store = Store.from_config(StoreConfig(path=self.path, fsync=self.fsync), create=False)
                 except StoreError as e:
                     raise HTTPException(503, f"the defect store is not available: {e}") from None
             return self._store

@@ -38,7 +38,7 @@ def _open_store(args: argparse.Namespace) -> Any:  # noqa: ANN401 - a Store
 
     settings = load_config(args)
     try:
-        return settings, Store(settings.store.path, create=False, fsync=settings.store.fsync)
+        return settings, Store.from_config(settings.store, create=False)
     except StoreError as e:
         raise CliError(f"{e}; is [store] path right, and did the daemon run once?", EXIT_FAIL) from None
 

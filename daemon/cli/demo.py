@@ -26,7 +26,7 @@ from typing import Any, TextIO
 import structlog
 
 from knitwatch.config import Settings
-from knitwatch.config.settings import ApiConfig, CameraConfig, PlcConfig, SimulatorConfig
+from knitwatch.config.settings import ApiConfig, CameraConfig, PlcConfig, SimulatorConfig, StoreConfig
 from knitwatch.daemon.cli.common import CliError, checkpoint_summary, load_config
 from knitwatch.daemon.logs import setup_logging
 from knitwatch.pipeline.actions.simplc import (
@@ -128,7 +128,7 @@ class DemoMonitor:
             from knitwatch.pipeline.store.database import Store, StoreError
 
             try:
-                self._store = Store(self.store_path, create=False, fsync=False)
+                self._store = Store.from_config(StoreConfig(path=self.store_path, fsync=False), create=False)
             except StoreError:
                 return None
             ids = self._store.list_events(limit=1)["items"]

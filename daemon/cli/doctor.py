@@ -67,7 +67,7 @@ def _check_model(settings: Any) -> Check:  # noqa: ANN401
         from knitwatch.pipeline.detector import load_detector
 
         t0 = time.monotonic()
-        det = load_detector(path, "cpu")
+        det = load_detector(path, "cpu", "auto")
         det.warm_up(batch=1)
         ms = (time.monotonic() - t0) * 1000
     except Exception as e:  # noqa: BLE001 - any load error is the finding
@@ -197,7 +197,8 @@ def _check_store(settings: Any) -> Check:  # noqa: ANN401
     if not os.access(path, os.W_OK):
         return Check("store", "FAIL", f"{path} is not writable by this user", f"chown -R knitwatch: {path}")
     try:
-        store = Store(path, create=False, fsync=False)
+        store = Store(path, retention_days=settings.store.retention_days, max_gb=settings.store.max_gb, fsync=False,
+                      create=False)
         st = store.stats()
         latched = store.latched()
         store.close()

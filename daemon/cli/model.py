@@ -193,7 +193,7 @@ def _load_detector(path: Path, device: str) -> Any:  # noqa: ANN401
     from knitwatch.pipeline.detector import load_detector
 
     try:
-        return load_detector(path, _device(device))
+        return load_detector(path, _device(device), "auto")
     except CheckpointError as e:
         raise CliError(str(e)) from None
 

@@ -76,7 +76,7 @@ def cmd_ack(args: argparse.Namespace) -> int:
     except (KeyError, OSError):
         by = "unknown"
     try:
-        store = Store(settings.store.path, create=False, fsync=settings.store.fsync)
+        store = Store.from_config(settings.store, create=False)
     except StoreError as e:
         raise CliError(str(e), EXIT_FAIL) from None
     try:

@@ -215,9 +215,9 @@ def discover_images(root: Path, *, validate: bool = True) -> list[SourceImage]:
         )
     if validate:
         for s in found:
-            img = read_image(s.path)
+            pixels = read_image(s.path)
             if s.mask_path is not None:
-                read_mask(s.mask_path, img.shape[:2], s.path)
+                read_mask(s.mask_path, pixels.shape[:2], s.path)
     return found
 
 

@@ -34,6 +34,7 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "DEFECT_KINDS",
@@ -258,8 +259,10 @@ def _raw_fabric(height: int, width: int, spec: FabricSpec, seed: int, x0: float,
         cn = c0 + np.where(right, nj, ncell - nj).astype(np.int32)
         dxn = np.where(right, dx_side[0], dx_side[1])
         lpn = np.where(right, lp_side[0], lp_side[1])
-        acc = np.full(shape, _BG, dtype=np.float32)
+        acc: np.ndarray = np.full(shape, _BG, dtype=np.float32)
         cands = [(c0, 0), (c0, 1), (c0 + dj, 0), (c0 + dj, 1), (cn, None), (cn + dj, None)]
+        dx: np.ndarray | np.float32
+        lp: np.ndarray | np.float32
         for ci, side in cands:
             if side is None:
                 dx, lp = dxn, lpn
@@ -462,7 +465,7 @@ def _clean_float(height: int, width: int, spec: FabricSpec, seed: int, x_offset:
     margin = int(math.ceil(4.0 * spec.blur_sigma)) + 1 if spec.blur_sigma > 0 else 0
     raw = _raw_fabric(height, width + 2 * margin, spec, seed, float(x_offset) - margin, cutline_x, wrap_wales, ss)
     mean, _ = _ref_stats(spec.texture, spec.pitch_px, spec.course_ratio, spec.irregularity, ss)
-    g = np.float32(spec.brightness) * (1.0 + np.float32(spec.contrast) * (raw / np.float32(mean) - 1.0))
+    g: np.ndarray = np.float32(spec.brightness) * (1.0 + np.float32(spec.contrast) * (raw / np.float32(mean) - 1.0))
     if spec.blur_sigma > 0:
         g = cv2.GaussianBlur(g, (0, 0), spec.blur_sigma, borderType=cv2.BORDER_REFLECT)
     g = g[:, margin:margin + width]
@@ -548,7 +551,7 @@ def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return xx + np.float32(0.5), yy + np.float32(0.5)
 
 
-def _draw_aa(shape: tuple[int, int], polys: Sequence[np.ndarray], thickness: float, sc: int = 4) -> np.ndarray:
+def _draw_aa(shape: tuple[int, int], polys: Sequence[npt.ArrayLike], thickness: float, sc: int = 4) -> np.ndarray:
     """Anti-aliased open polylines (points in pixel units) as coverage 0..1, float32 (H, W)."""
     h, w = shape
     big = np.zeros((h * sc, w * sc), dtype=np.uint8)
@@ -582,7 +585,7 @@ def _defect_hole(img: np.ndarray, gray: np.ndarray, rng: np.random.Generator, sp
     alpha = np.clip((1.0 - rho) * np.float32(min(rx, ry)) + 0.5, 0.0, 1.0)
     level = _level(gray, cx, cy, 3 * max(rx, ry))
     dark = level * (0.06 + 0.12 * (1.0 - min(1.0, intensity)))
-    base = np.full((h, w), dark, dtype=np.float32)
+    base: np.ndarray = np.full((h, w), dark, dtype=np.float32)
     base *= 1.0 + 0.25 * (rng.random((h, w), dtype=np.float32) - 0.5)
     # the torn rim: loops curling into the hole, in shadow
     rim = np.clip(1.0 - (1.0 - rho) * np.float32(min(rx, ry)) / np.float32(0.45 * p + 0.5), 0.0, 1.0)
@@ -1062,6 +1065,7 @@ class KnitStream:
         """Frame x positions (left edge) at which ``patch`` shows in a view starting at ``start``."""
         x0b, x1b = patch.box[0], patch.box[2]
         rel = patch.x0 - start
+        cands: tuple[int, ...]
         if patch.every_revolution:
             rel %= C
             cands = (rel - C, rel, rel + C)

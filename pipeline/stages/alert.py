@@ -157,8 +157,7 @@ class AlertStage(Stage):
         self.writer: SnapshotWriter | None = None
         if store is not None:
             try:
-                self.store = Store(store.path, retention_days=float(store.retention_days), max_gb=float(store.max_gb),
-                                   fsync=store.fsync)
+                self.store = Store.from_config(store)
                 self.store.recover()
                 self.store.enforce_retention()
             except (StoreError, OSError, sqlite3.Error) as e:  # inspection and the PLC matter more than pictures

@@ -40,11 +40,14 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 import structlog
+
+if TYPE_CHECKING:
+    from knitwatch.config.settings import StoreConfig
 
 log = structlog.get_logger(__name__)
 
@@ -135,6 +138,13 @@ def iso_utc(t_ns: int | None) -> str | None:
     return dt.datetime.fromtimestamp(t_ns / 1e9, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _rowid(cur: sqlite3.Cursor) -> int:
+    """The id of the row an INSERT just added."""
+    if cur.lastrowid is None:  # never after an INSERT; int(None) raised this before
+        raise TypeError("the INSERT returned no row id")
+    return cur.lastrowid
+
+
 def encode_image(kind: str, img: np.ndarray) -> bytes:
     ext, params = _ENCODE[kind]
     ok, buf = cv2.imencode(ext, img, params)
@@ -146,8 +156,8 @@ def encode_image(kind: str, img: np.ndarray) -> bytes:
 class Store:
     """One store root. Thread-safe (one connection behind a lock); several processes may share it."""
 
-    def __init__(self, root: Path | str, *, retention_days: float = 30.0, max_gb: float = 10.0, fsync: bool = True,
-                 create: bool = True, busy_timeout_s: float = 5.0) -> None:
+    def __init__(self, root: Path | str, *, retention_days: float, max_gb: float, fsync: bool, create: bool = True,
+                 busy_timeout_s: float = 5.0) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             if not create:
@@ -179,6 +189,12 @@ class Store:
                 db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"cannot open the store index {self.root / DB_NAME}: {e}") from e
+
+    @classmethod
+    def from_config(cls, config: StoreConfig, *, create: bool = True) -> Store:
+        """The store of a ``[store]`` section: its path, retention and fsync settings."""
+        return cls(config.path, retention_days=config.retention_days, max_gb=config.max_gb, fsync=config.fsync,
+                   create=create)
 
     # ------------------------------------------------------------------ plumbing
     @contextlib.contextmanager
@@ -250,7 +266,7 @@ class Store:
                     "dir, action_state, created_ns, record) VALUES (?, ?, ?, ?, ?, ?, ?, 'writing', '', ?, ?, '{}')",
                     (camera, int(t_wall_ns), int(seq), severity, action, float(image_score), int(max_area_px),
                      action_state, now))
-                eid = int(cur.lastrowid)
+                eid = _rowid(cur)
                 record["event_id"] = eid
                 record["event_dir"] = str(self.events_dir / day / f"{eid:08d}")
                 db.execute("UPDATE events SET dir = ?, record = ? WHERE id = ?",
@@ -450,7 +466,8 @@ class Store:
                     keep: bool | None = None, false_positive: bool | None = None, limit: int = 50,
                     offset: int = 0) -> dict[str, Any]:
         """Events newest first, filtered; ``{"items", "total", "limit", "offset"}``."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[str | int] = []
         for col, val in (("camera", camera), ("severity", severity), ("action", action)):
             if val is not None:
                 where.append(f"{col} = ?")
@@ -463,10 +480,10 @@ class Store:
             args.append(int(until_ns))
         if acknowledged is not None:
             where.append("acked_ns IS NOT NULL" if acknowledged else "acked_ns IS NULL")
-        for col, val in (("keep", keep), ("false_positive", false_positive)):
-            if val is not None:
+        for col, flag in (("keep", keep), ("false_positive", false_positive)):
+            if flag is not None:
                 where.append(f"{col} = ?")
-                args.append(int(bool(val)))
+                args.append(int(bool(flag)))
         limit = max(1, min(int(limit), MAX_PAGE))
         offset = max(0, int(offset))
         cond = ("WHERE " + " AND ".join(where)) if where else ""
@@ -518,7 +535,7 @@ class Store:
                 max_id = db.execute("SELECT COALESCE(MAX(id), 0) AS m FROM events").fetchone()["m"]
                 cur = db.execute("INSERT INTO acks (requested_ns, ack_by, camera, note, max_event_id) "
                                  "VALUES (?, ?, ?, ?, ?)", (time.time_ns(), by, camera, note[:2000], int(max_id)))
-                return int(cur.lastrowid)
+                return _rowid(cur)
         except sqlite3.Error as e:
             raise StoreError(f"cannot record the acknowledge: {e}") from e
 

@@ -22,7 +22,7 @@ import cv2
 import pytest
 
 from knitwatch.config import Settings
-from knitwatch.config.settings import PlcConfig
+from knitwatch.config.settings import PlcConfig, StoreConfig
 from knitwatch.daemon.api.app import ApiServer, create_app
 from knitwatch.daemon.api.deps import StaticView
 from knitwatch.pipeline.actions import ActionRunner
@@ -130,7 +130,7 @@ def test_gallery_page_in_headless_chromium(chrome, plc: SimulatedPlc, populated:
     from selenium.webdriver.common.by import By
 
     settings, ids = populated
-    store = Store(settings.store.path, create=False, fsync=False)
+    store = Store.from_config(StoreConfig(path=settings.store.path, fsync=False), create=False)
     cfg = PlcConfig(driver="modbus", port=plc.port, stop_address=0, alarm_address=2, heartbeat_address=1,
                     heartbeat_idle_s=0)
     runner = ActionRunner(ModbusDriver(cfg), cfg, store=store, ack_poll_s=0.1).start()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from knitwatch.config.settings import StoreConfig
 from knitwatch.pipeline.store.database import Store, StoreError
 from tests.helpers.cli import KNITWATCH, clean_env
 from tests.helpers.net import free_port
@@ -37,7 +38,7 @@ def stop_event(store_path: Path) -> dict | None:
     if not (store_path / "events.sqlite3").exists():
         return None
     try:
-        store = Store(store_path, create=False, fsync=False)
+        store = Store.from_config(StoreConfig(path=store_path, fsync=False), create=False)
     except StoreError:
         return None
     try:

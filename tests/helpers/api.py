@@ -34,7 +34,7 @@ def populate_store(root: Path, events: list[tuple] = EVENTS, width: int = 512, h
                    now_ns: int | None = None) -> list[int]:
     """Write events into a real store as the alert stage does: a simulated fabric frame with a defect,
     an anomaly map peaking on the defect, regions from the decision code, the overlay drawing code."""
-    store = Store(root, fsync=False)
+    store = Store.from_config(StoreConfig(path=root, fsync=False))
     now_ns = now_ns or time.time_ns()
     ids = []
     for i, (cam, kind, action, severity, minutes) in enumerate(events):

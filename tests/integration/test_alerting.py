@@ -81,7 +81,7 @@ def test_confirmed_defect_stops_the_machine_and_ack_resets_it(tmp_path: Path) ->
         s = a.stats(lambda s: s["actions"]["latched"] and s["actions"]["pending"] == 0)
         assert s["cameras"]["c"]["events"] == 1 and s["actions"]["failures"] == 0
 
-        store = Store(store_dir, fsync=False)
+        store = Store.from_config(StoreConfig(path=store_dir, fsync=False))
         wait_for(lambda: store.list_events()["total"] == 1 and store.list_events()["items"][0]["state"] == "complete"
                  and store.list_events()["items"][0]["action_state"] == "confirmed")
         ev = store.get_event(store.list_events()["items"][0]["id"])
@@ -140,7 +140,7 @@ def test_isolated_false_alarms_do_not_stop_and_the_heartbeat_follows_inspection(
         a.stats(lambda s: not s["actions"]["heartbeat_paused"], timeout=10)
         beats = sample(lambda: plc.coil(1), 0.4)
         assert True in beats and False in beats
-        assert Store(tmp_path / "store").list_events()["total"] == 0
+        assert Store.from_config(StoreConfig(path=tmp_path / "store")).list_events()["total"] == 0
 
         # a defect entering the view: small first (minor: alarm), then large within the cool-down (escalated: stop)
         a.send(13, True, area=(3, 3))
@@ -151,7 +151,7 @@ def test_isolated_false_alarms_do_not_stop_and_the_heartbeat_follows_inspection(
         wait_for(lambda: plc.coil(0), timeout=5)
         s = a.stats(lambda s: s.get("inspected") == 16)
         assert s["cameras"]["c"]["events"] == 1 and s["cameras"]["c"]["escalations"] == 1
-        store = Store(tmp_path / "store")
+        store = Store.from_config(StoreConfig(path=tmp_path / "store"))
         wait_for(lambda: store.list_events()["items"][0]["action_state"] == "confirmed")
         (ev,) = store.list_events()["items"]
         assert (ev["severity"], ev["action"], ev["seq"]) == ("major", "stop", 14)
@@ -189,7 +189,7 @@ def test_stop_lands_when_the_plc_comes_up_and_survives_a_killed_inspector(tmp_pa
         for seq in range(3, 8):  # inspection goes on while the PLC is down
             a.send(seq, False)
         a.stats(lambda s: s.get("inspected") == 8)
-        store = Store(store_dir, fsync=False)
+        store = Store.from_config(StoreConfig(path=store_dir, fsync=False))
         ev = store.list_events()["items"][0]
         assert ev["action_state"] == "pending"  # the row was committed before the action ran
 

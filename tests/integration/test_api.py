@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from knitwatch.config import Settings
-from knitwatch.config.settings import ApiConfig
+from knitwatch.config.settings import ApiConfig, StoreConfig
 from knitwatch.daemon.api.app import ApiServer, create_app
 from knitwatch.daemon.api.deps import StaticView
 from knitwatch.daemon.api.security import ApiError, load_token
@@ -172,7 +172,8 @@ def test_auth_token_on_api_and_metrics(populated: tuple[Settings, list[int]], tm
         assert c.get(path, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200, path
     for post in (f"/api/events/{ids[0]}/keep", f"/api/events/{ids[0]}/false-positive", "/api/alarm/ack"):
         assert c.post(post, json={}).status_code == 401
-    assert Store(settings.store.path, create=False).list_acks() == []  # nothing was recorded unauthenticated
+    # nothing was recorded unauthenticated
+    assert Store.from_config(StoreConfig(path=settings.store.path), create=False).list_acks() == []
     # open without a token: the page, its files, the health check
     for path in ("/", "/static/app.js", "/static/style.css", "/healthz"):
         assert c.get(path).status_code == 200, path
@@ -254,7 +255,7 @@ def test_store_not_there_yet(tmp_path: Path) -> None:
     st = c.get("/api/stats").json()  # stats still answer: the daemon may be starting
     assert st["store"] is None and st["alarm"]["latched"] is False
     (tmp_path / "store").mkdir()
-    Store(tmp_path / "store").close()
+    Store.from_config(StoreConfig(path=tmp_path / "store")).close()
     assert c.get("/api/events").json()["total"] == 0  # opened once it exists
 
 
@@ -273,7 +274,7 @@ def http(method: str, url: str, body: dict | None = None, token: str | None = No
 def test_real_server_ack_resets_the_latch(populated: tuple[Settings, list[int]]) -> None:
     """uvicorn on a free loopback port; the action runner (as in the alert stage) applies the ack."""
     settings, ids = populated
-    store = Store(settings.store.path, create=False, fsync=False)
+    store = Store.from_config(StoreConfig(path=settings.store.path, fsync=False), create=False)
     runner = ActionRunner(LogDriver(), store=store, ack_poll_s=0.1).start()
     app = create_app(settings, StaticView(SNAPSHOT, healthy=True), token=TOKEN)
     server = ApiServer(app, "127.0.0.1", 0).start()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from knitwatch.config import Settings
+from knitwatch.config.settings import StoreConfig
 from knitwatch.daemon.api.app import ApiServer, create_app
 from knitwatch.daemon.api.deps import StaticView
 from knitwatch.daemon.cli.common import to_toml
@@ -133,7 +134,7 @@ def test_defects_export_folder_and_zip(setup, capsys: pytest.CaptureFixture, tmp
     rc, _, err = run(capsys, "defects", "export", "--config", str(cfg_path), "--out", str(out_dir))
     assert rc == 2 and "--force" in err
     # zip, only false positives (feedback for retraining), thumbnails included
-    store = Store(Path(setup[1]["store"]["path"]), create=False)
+    store = Store.from_config(StoreConfig(path=Path(setup[1]["store"]["path"])), create=False)
     store.mark_false_positive(ids[2], by="maria", note="cutline")
     store.close()
     z = tmp_path / "fp.zip"

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
+from knitwatch.config.settings import StoreConfig
 from knitwatch.pipeline.store.database import FILE_KINDS, RECORD_FILE, Store
 
 DAY_NS = 86_400 * 10**9
@@ -42,7 +43,7 @@ def add(store: Store, *, camera: str = "c", t_wall_ns: int | None = None, action
 
 
 def test_event_files_queries_and_path_safety(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s", fsync=False)
+    store = Store.from_config(StoreConfig(path=tmp_path / "s", fsync=False))
     t0 = 1_700_000_000 * 10**9
     ids = [add(store, camera="a" if i % 2 else "b", t_wall_ns=t0 + i * 10**9, seq=i,
                action="stop" if i < 3 else "alarm", severity="major" if i < 3 else "minor", seed=i) for i in range(6)]
@@ -85,7 +86,7 @@ def test_event_files_queries_and_path_safety(tmp_path: Path) -> None:
 
 
 def test_acknowledges_cover_events_up_to_the_request(tmp_path: Path) -> None:
-    store = Store(tmp_path, fsync=False)
+    store = Store.from_config(StoreConfig(path=tmp_path, fsync=False))
     a1 = add(store, camera="a", files=False)
     b1 = add(store, camera="b", files=False)
     add(store, camera="b", action="log", files=False)
@@ -108,7 +109,7 @@ def test_acknowledges_cover_events_up_to_the_request(tmp_path: Path) -> None:
 
 
 def test_recover_cleans_leftovers_and_flags_missing_files(tmp_path: Path) -> None:
-    store = Store(tmp_path, fsync=False)
+    store = Store.from_config(StoreConfig(path=tmp_path, fsync=False))
     ok = add(store)
     broken = add(store, seed=1)
     half = add(store, files=False)  # row committed, no files (killed before writing)
@@ -120,7 +121,7 @@ def test_recover_cleans_leftovers_and_flags_missing_files(tmp_path: Path) -> Non
     (orphan / "frame.png").write_bytes(b"x")
     store.close()
 
-    store = Store(tmp_path, fsync=False)
+    store = Store.from_config(StoreConfig(path=tmp_path, fsync=False))
     report = store.recover()
     assert report == {"temp_files_removed": 1, "orphan_folders_removed": 1, "rows_flagged_files_missing": 2}
     assert not orphan.exists() and not (folder / ".frame.png.123.tmp").exists()
@@ -133,8 +134,9 @@ def test_recover_cleans_leftovers_and_flags_missing_files(tmp_path: Path) -> Non
 WRITER = textwrap.dedent("""
     import sys, time
     import cv2, numpy as np
+    from knitwatch.config.settings import StoreConfig
     from knitwatch.pipeline.store.database import Store
-    store = Store(sys.argv[1])
+    store = Store.from_config(StoreConfig(path=sys.argv[1]))
     rng = np.random.default_rng(int(sys.argv[2]))
     frame = rng.integers(0, 255, (900, 1200), dtype=np.uint8)
     color = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
@@ -150,7 +152,7 @@ WRITER = textwrap.dedent("""
 
 
 def check_consistent(root: Path) -> dict[str, int]:
-    store = Store(root)
+    store = Store.from_config(StoreConfig(path=root))
     report = store.recover()
     events_dir = root / "events"
     leftovers = [p for p in events_dir.rglob("*") if p.name.endswith(".tmp")]
@@ -190,11 +192,11 @@ def test_sigkill_mid_write_leaves_no_half_event(tmp_path: Path) -> None:
         report = check_consistent(root)
         repaired += sum(report.values())
     assert repaired >= 1, "no kill landed mid-write: the test did not test anything"
-    assert Store(root).list_events()["total"] >= 5
+    assert Store.from_config(StoreConfig(path=root)).list_events()["total"] >= 5
 
 
 def test_retention_deletes_oldest_first_and_keeps_marked(tmp_path: Path) -> None:
-    store = Store(tmp_path, fsync=False, retention_days=10)
+    store = Store.from_config(StoreConfig(path=tmp_path, fsync=False, retention_days=10))
     now = time.time_ns()
     ids = [add(store, t_wall_ns=now - (9 - i) * DAY_NS // 10, action="alarm", seed=i) for i in range(10)]
     store.apply_ack(store.request_ack("t"))  # all acknowledged: deletable
@@ -220,10 +222,11 @@ def test_retention_deletes_oldest_first_and_keeps_marked(tmp_path: Path) -> None
 FULL_DISK = textwrap.dedent("""
     import json, resource, signal, sys, time
     import numpy as np
+    from knitwatch.config.settings import StoreConfig
     from knitwatch.pipeline.store.database import Store
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # writes past the limit fail with EFBIG
     resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
-    store = Store(sys.argv[1])
+    store = Store.from_config(StoreConfig(path=sys.argv[1]))
     big = np.random.default_rng(0).integers(0, 255, (900, 900), dtype=np.uint8)
     small = np.zeros((16, 16), np.uint8)
     def event(img):
@@ -244,7 +247,7 @@ def test_full_disk_is_reported_and_inspection_goes_on(tmp_path: Path) -> None:
     assert out["big"][1] is False and out["small"][1] is True
     assert out["errors"] == {"write": 1} and "File too large" in out["last_error"]
     assert "cannot write the event's files" in r.stdout + r.stderr  # logged (structlog's default: stdout)
-    store = Store(tmp_path)
+    store = Store.from_config(StoreConfig(path=tmp_path))
     assert store.get_event(out["big"][0])["state"] == "files_missing"
     assert store.get_event(out["small"][0])["state"] == "complete"
     assert list((tmp_path / "events").rglob("*.tmp")) == []
