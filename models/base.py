@@ -63,7 +63,7 @@ def imagenet_normalize(x01: Tensor) -> Tensor:
 
 
 def predict_tiles(
-    model: nn.Module, tiles: np.ndarray | Tensor, batch_size: int | None = None
+    model: AnomalyModel, tiles: np.ndarray | Tensor, batch_size: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The shared ``predict`` of knitwatch's models: maps (N,H,W) float32 and scores (N,) float32.
 
@@ -112,6 +112,15 @@ class AnomalyModel(nn.Module):
     # the checkpoint's provenance by `save_model`.
     provenance: dict[str, Any]
 
+    @property
+    def kind(self) -> str:
+        """The checkpoint kind (e.g. ``efficientad-s``); every model defines it."""
+        raise NotImplementedError
+
+    def hparams(self) -> dict[str, Any]:
+        """The constructor arguments saved in the checkpoint; every model defines them."""
+        raise NotImplementedError
+
     def _register_common_buffers(self) -> None:
         """Thresholds (NaN until calibrated) and the ImageNet input normalisation."""
         self.register_buffer("image_threshold", torch.tensor(float("nan")))
@@ -155,7 +164,8 @@ class AnomalyModel(nn.Module):
     def prepare_for_inference(self, device: str | torch.device = "cpu") -> Self:
         """eval(), move to ``device`` and use channels_last memory format (faster convolutions)."""
         self.eval()
-        return self.to(device=torch.device(device), memory_format=torch.channels_last)
+        # torch's stub for Module.to has no overload taking a device and memory_format together
+        return self.to(device=torch.device(device), memory_format=torch.channels_last)  # type: ignore[call-overload]
 
 
 class ChannelStats:
@@ -210,7 +220,7 @@ def model_input_spec() -> dict[str, Any]:
 
 def save_model(
     path: str | Path,
-    model: nn.Module,
+    model: AnomalyModel,
     *,
     preprocess: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,

@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import structlog
@@ -47,6 +47,9 @@ from torch import Tensor, nn
 
 from knitwatch.models.checkpoint import Checkpoint, atomic_path, load_checkpoint
 from knitwatch.models.registry import build_model
+
+if TYPE_CHECKING:
+    from knitwatch.models.base import AnomalyModel
 
 log = structlog.get_logger(__name__)
 
@@ -89,7 +92,10 @@ class TileGraph(nn.Module):
     ``forward`` takes an ImageNet-normalised float (N,3,T,T) and returns (map (N,1,T,T), score (N,))).
     """
 
-    def __init__(self, model: nn.Module, grayscale: bool) -> None:
+    offset: Tensor
+    scale: Tensor
+
+    def __init__(self, model: AnomalyModel, grayscale: bool) -> None:
         super().__init__()
         self.model = model
         self.grayscale = bool(grayscale)
@@ -163,7 +169,7 @@ class ExportReport:
 
 
 def export_module(
-    model: nn.Module,
+    model: AnomalyModel,
     out: str | Path,
     *,
     grayscale: bool,
@@ -181,7 +187,9 @@ def export_module(
     _require("onnxscript")
     out = Path(out)
     tile = int(model.tile_size)
-    graph = TileGraph(model.to("cpu", memory_format=torch.contiguous_format).eval(), grayscale).eval()
+    # torch's stub for Module.to has no overload taking a device and memory_format together
+    cpu_model = model.to("cpu", memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    graph = TileGraph(cpu_model.eval(), grayscale).eval()
     example = torch.from_numpy(example_tiles(2, tile, grayscale, input_dtype))
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings(), torch.no_grad():
@@ -248,7 +256,8 @@ def export_checkpoint(
     ckpt_path = Path(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     digest = sha256 or checkpoint_sha256(ckpt_path)
-    model = build_model(ckpt).to("cpu").eval()
+    # the built-in kinds' models are AnomalyModels (tile_size, input_mean/input_std, predict)
+    model = cast("AnomalyModel", build_model(ckpt).to("cpu").eval())
     grayscale = bool(ckpt.preprocess.get("grayscale", True))
     dest = Path(out) if out is not None else default_onnx_path(ckpt_path)
     meta = {
@@ -323,12 +332,12 @@ def compare_outputs(
 
 
 def check_parity(
-    ckpt: Checkpoint, onnx_path: str | Path, *, model: nn.Module | None = None, tiles: np.ndarray | None = None
+    ckpt: Checkpoint, onnx_path: str | Path, *, model: AnomalyModel | None = None, tiles: np.ndarray | None = None
 ) -> dict[str, Any]:
     """Compare the exported graph (ONNX Runtime, CPU) with the PyTorch model on ``tiles`` (default: 8
     synthetic fabric tiles plus a dark and a bright one) at the checkpoint's thresholds."""
     ort = _require("onnxruntime")
-    model = model if model is not None else build_model(ckpt).to("cpu")
+    model = model if model is not None else cast("AnomalyModel", build_model(ckpt).to("cpu"))
     model.eval()
     tile = int(model.tile_size)
     grayscale = bool(ckpt.preprocess.get("grayscale", True))

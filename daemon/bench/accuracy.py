@@ -899,7 +899,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", type=_csv, default=[], metavar="V",
                    help=f"extra rows evaluated from the same checkpoints: '{ZERO_PAD}' = EfficientAD with the "
                    "reference's zero padding of its maps instead of replicating the border cells (why: see "
-                   "MAP_PADDINGS in models/efficientad.py)")
+                   "MAP_PADDINGS in models/efficientad/model.py)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

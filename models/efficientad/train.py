@@ -10,6 +10,7 @@ calibration on the held-out normal validation tiles.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import itertools
 import json
@@ -38,7 +39,8 @@ from knitwatch.models.efficientad.loss import (
     penalty_loss,
     student_ae_loss,
 )
-from knitwatch.models.efficientad.model import EfficientAD, normalize_size
+from knitwatch.models.efficientad.model import EfficientAD
+from knitwatch.models.efficientad.pdn import normalize_size
 from knitwatch.models.efficientad.teacher import TeacherWeights, distill_teacher
 
 log = structlog.get_logger(__name__)
@@ -278,7 +280,7 @@ def train_efficientad(
             history.append((step, loss_v))
         done = step + 1
         if checkpoint_cb is not None and (done % checkpoint_every == 0 or done == steps):
-            _call_checkpoint_cb(checkpoint_cb, done, model, lambda d=done: resume_snapshot(d))
+            _call_checkpoint_cb(checkpoint_cb, done, model, functools.partial(resume_snapshot, done))
     bar.close()
 
     model.eval()

@@ -109,6 +109,7 @@ def conv_subnet(in_channels: int, hidden: int, out_channels: int) -> nn.Sequenti
     """conv3x3 - LayerNorm - ReLU - conv3x3; the last convolution starts at zero (identity coupling)."""
     last = nn.Conv2d(hidden, out_channels, 3, padding=1)
     nn.init.zeros_(last.weight)
+    assert last.bias is not None  # nn.Conv2d has a bias by default
     nn.init.zeros_(last.bias)
     return nn.Sequential(
         nn.Conv2d(in_channels, hidden, 3, padding=1), LayerNorm2d(hidden), nn.ReLU(inplace=True), last
@@ -350,6 +351,7 @@ class MultiScaleFlow(nn.Module):
         zs: list[Tensor] = []
         dt = _work_dtype(feats[0])
         logdet = torch.zeros(feats[0].shape[0], device=feats[0].device, dtype=dt)
+        inn: SequenceINN  # the ModuleList's entries (typed Module) are the per-scale SequenceINNs
         for f, inn in zip(feats, self.parallel, strict=True):
             f = f.to(dt)
             if len(inn):
@@ -366,6 +368,7 @@ class MultiScaleFlow(nn.Module):
         """Inverse of `forward`: (features per scale, log|det| of the inverse = -forward's)."""
         feats, logdet = self.fusion(list(zs), rev=True)
         out: list[Tensor] = []
+        inn: SequenceINN  # the ModuleList's entries (typed Module) are the per-scale SequenceINNs
         for z, inn in zip(feats, self.parallel, strict=True):
             if len(inn):
                 pe = positional_encoding_2d(self.pe_channels, z.shape[-2], z.shape[-1], z.device, z.dtype)

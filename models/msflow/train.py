@@ -350,7 +350,7 @@ def train_msflow(
             "torch": torch.__version__,
         }
     )
-    info = {
+    info: dict[str, Any] = {
         "backbone": bb,
         "steps": total,
         "final_loss": loss_v,

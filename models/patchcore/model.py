@@ -338,7 +338,7 @@ def fit_patchcore(
             "torch": torch.__version__,
         }
     )
-    info = {
+    info: dict[str, Any] = {
         "n_train": int(train_set.shape[0]),
         "n_val": int(val_idx.numel()),
         "patches": n_patches,

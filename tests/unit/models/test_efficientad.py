@@ -22,7 +22,8 @@ from knitwatch.models.base import save_model
 from knitwatch.models.calibration import calibrate_f1_threshold
 from knitwatch.models.checkpoint import load_checkpoint
 from knitwatch.models.efficientad.loss import augment_ae, hard_feature_loss, hard_quantile
-from knitwatch.models.efficientad.model import EfficientAD, build_pdn, decoder_upsample_sizes, pdn_output_size
+from knitwatch.models.efficientad.model import EfficientAD, decoder_upsample_sizes
+from knitwatch.models.efficientad.pdn import build_pdn, pdn_output_size
 from knitwatch.models.efficientad.teacher import TeacherStateError, distill_teacher, load_teacher_state, random_teacher
 from knitwatch.models.efficientad.train import train_efficientad
 from knitwatch.models.metrics import auroc
