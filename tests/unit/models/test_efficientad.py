@@ -300,31 +300,14 @@ def test_random_teacher_only_on_request():
 
 
 def _texture(n: int, tile: int, seed: int, hole: bool = False) -> np.ndarray:
-    """Synthetic knitted fabric: a periodic loop pattern with noise; optionally a dark hole."""
-    try:  # the project's knit simulator, when present
-        from knitwatch.pipeline.sources.knitsim import FabricSpec, render_sample
+    """Simulated knitted fabric (the project's knit simulator), grayscale; optionally with a hole."""
+    from knitwatch.pipeline.sources.knitsim import FabricSpec, render_sample
 
-        out = []
-        for i in range(n):
-            img = render_sample(tile, tile, FabricSpec(pitch_px=6), seed * 1000 + i, defect="hole" if hole else None)
-            img = np.asarray(img[0] if isinstance(img, tuple) else img)
-            if img.ndim == 3:
-                img = img.mean(axis=-1)
-            out.append(np.clip(img, 0, 255).astype(np.uint8))
-        return np.stack(out)
-    except ImportError:
-        pass
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:tile, 0:tile].astype(np.float32)
     out = []
-    for _ in range(n):
-        ph = rng.uniform(0, 2 * np.pi, 2)
-        img = 128 + 50 * np.sin(2 * np.pi * xx / 6 + ph[0]) * np.sin(2 * np.pi * yy / 8 + ph[1])
-        img = img + rng.normal(0, 8, (tile, tile))
-        if hole:
-            cy, cx = rng.integers(tile // 4, 3 * tile // 4, 2)
-            r = rng.integers(4, 8)
-            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 20
+    for i in range(n):
+        img, _ = render_sample(tile, tile, FabricSpec(pitch_px=6), seed * 1000 + i, defect="hole" if hole else None)
+        if img.ndim == 3:
+            img = img.mean(axis=-1)
         out.append(np.clip(img, 0, 255).astype(np.uint8))
     return np.stack(out)
 
