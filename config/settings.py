@@ -63,6 +63,60 @@ class SimulatorConfig(Section):
     seed: int = 0
 
 
+class PositionPlcConfig(Section):
+    """Where the machine's PLC keeps its revolution counter (and optionally the tube angle): Modbus TCP
+    holding registers, read by a thread of the capture process (a slow PLC never holds up frames)."""
+
+    host: str = Field("127.0.0.1", description="the PLC's address")
+    port: int = Field(502, ge=1, le=65535, description="Modbus TCP port")
+    unit_id: int = Field(1, ge=0, le=255, description="Modbus unit (device) id")
+    revolution_register: int = Field(100, ge=0, le=65535, description="holding register of the revolution counter")
+    revolution_words: Literal[1, 2] = Field(
+        1, description="1: a 16-bit counter; 2: a 32-bit counter in two registers, high word first")
+    angle_register: int | None = Field(
+        None, ge=0, le=65535,
+        description="holding register of the tube angle (0 .. angle_full_scale); none: the offset within a "
+        "revolution comes from the image displacement since the counter last counted")
+    angle_full_scale: int = Field(3600, ge=2, le=65536, description="angle register value of one full revolution")
+    poll_s: float = Field(0.05, gt=0, le=10, description="read the registers this often")
+    timeout_s: float = Field(0.5, gt=0, le=30, description="connect/response timeout of one read")
+    stale_s: float = Field(1.0, gt=0, le=600, description="values older than this make the position unreliable")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PositionPlcConfig:
+        used = set(range(self.revolution_register, self.revolution_register + self.revolution_words))
+        if self.angle_register is not None and self.angle_register in used:
+            raise ValueError(f"angle_register {self.angle_register} overlaps the revolution counter's register(s)")
+        return self
+
+
+class PositionConfig(Section):
+    """Where each frame lies on the fabric tube (revolution and offset within it), sent with every frame
+    as ``pos``. ``image``: measured from the frames (phase correlation of consecutive frames, the cutline
+    counted as the once-per-revolution mark); ``plc``: the machine's revolution counter (``[..plc]``);
+    ``simulator``: the simulator's truth (tests, benchmarks); ``none``: not computed."""
+
+    source: Literal["none", "image", "simulator", "plc"] = Field("image", description="where the position comes from")
+    circumference_px: float | None = Field(
+        None, gt=0, le=1e9,
+        description="frame pixels per revolution, when known; image: the start value (refined at each cutline); "
+        "plc: used instead of learning it from the image displacement over a revolution")
+    min_peak: float = Field(
+        0.15, gt=0, le=1, description="image: a correlation peak below this is not a measurement (ok = false)")
+    work_width: int = Field(
+        1280, ge=64, le=16384, description="image: wider frames are shrunk horizontally by an integer factor first")
+    work_rows: int = Field(64, ge=8, le=1024, description="image: rows are averaged down to this many first")
+    pitch_px: float | None = Field(
+        None, ge=2, le=64, description="image: the loop (wale) pitch in pixels; none: measured from the frames")
+    cutline_needle_spacing: int = Field(
+        5, ge=0, le=32,
+        description="image: the two needles left out at the cutline are this many needle pitches apart "
+        "(the simulator: 5); 0: a single needle left out")
+    cutline_min_score: float = Field(
+        12.0, gt=0, le=1000, description="image: how far (robust z) both cutline stripes must stand out")
+    plc: PositionPlcConfig = PositionPlcConfig()
+
+
 class CameraConfig(Section):
     """One camera: where frames come from."""
 
@@ -79,11 +133,14 @@ class CameraConfig(Section):
     roi: tuple[int, int, int, int] | None = Field(None, description="x0, y0, x1, y1 in frame pixels")
     pixel_threshold: float | None = Field(None, description="overrides the checkpoint's pixel threshold")
     simulator: SimulatorConfig = SimulatorConfig()
+    position: PositionConfig = PositionConfig()
 
     @model_validator(mode="after")
     def _source_needs_uri(self) -> CameraConfig:
         if self.source in ("opencv", "folder") and not self.uri:
             raise ValueError(f"source '{self.source}' needs 'uri'")
+        if self.position.source == "simulator" and self.source != "simulator":
+            raise ValueError(f"position source 'simulator' needs source 'simulator', not '{self.source}'")
         if self.roi is not None:
             x0, y0, x1, y1 = self.roi
             if not (0 <= x0 < x1 and 0 <= y0 < y1):
@@ -125,6 +182,26 @@ class InferenceConfig(Section):
         None, description="where the tiler offers tiles, e.g. tcp://0.0.0.0:5601 for workers on other hosts"
     )
     results_endpoint: str | None = Field(None, description="where the alert stage collects results, e.g. tcp://...")
+    # CURVE security of tcp:// tiles/results endpoints (pipeline/security.py; keys: 'knitwatch keys generate')
+    server_secret_key: Path | None = Field(
+        None, description="the daemon's key pair (its NAME.key_secret file); required for tcp:// endpoints, which "
+        "are then encrypted and admit only authorised workers (this host's own workers use this key pair)"
+    )
+    authorized_keys_dir: Path | None = Field(
+        None, description="folder of the public NAME.key files of the workers on other hosts allowed to connect "
+        "(re-read when a file is added or removed)"
+    )
+    worker_secret_key: Path | None = Field(
+        None, description="'knitwatch worker': this worker's key pair (NAME.key_secret); its NAME.key belongs in "
+        "the daemon's authorized_keys_dir"
+    )
+    server_public_key: Path | None = Field(
+        None, description="'knitwatch worker': the daemon's public key file (the NAME.key of its server_secret_key)"
+    )
+    allow_insecure_tcp: bool = Field(
+        False, description="allow tcp:// endpoints without keys: unencrypted, and any host that reaches them can "
+        "take tiles and send results that stop the machine; only on an isolated, trusted network"
+    )
 
     @field_validator("tiles_endpoint", "results_endpoint")
     @classmethod
@@ -171,7 +248,26 @@ class AlertConfig(Section):
     confirm_k: int = Field(2, ge=1, description="a defect must be seen in k of the last n frames")
     confirm_n: int = Field(3, ge=1)
     min_area_px: int = Field(20, ge=1)
-    cooldown_frames: int = Field(50, ge=0, description="frames after an event before the same camera fires again")
+    cooldown_frames: int = Field(
+        50, ge=0, le=100_000, description="a tracked defect unseen for up to this many frames and found again at "
+        "its place is still the same defect (its event is updated, no new event); other defects are never held back"
+    )
+    track_gate_px: float = Field(
+        48.0, gt=0, le=10_000, description="tracking: a region within this many pixels of a defect's place on the "
+        "tube (columns, and rows) is that defect; regions of one frame this near each other are one defect"
+    )
+    track_gate_frame_px: float = Field(
+        128.0, gt=0, le=100_000, description="tracking without a fabric position (frame coordinates): the column "
+        "gate around a defect's predicted place; must exceed the web's motion between two inspected frames"
+    )
+    recurrence_stop_revolutions: int = Field(
+        2, ge=0, le=1000, description="a defect back at the same tube columns in this many consecutive "
+        "revolutions (a broken needle's line) becomes severity 'recurring' and stops the machine (0: never)"
+    )
+    recurrence_memory_revolutions: int = Field(
+        3, ge=0, le=1000, description="a defect's place is remembered this many revolutions after it was last seen, "
+        "to recognise it when it comes back (0: no recurrence); needs a fabric position with a circumference"
+    )
     decisions_log: Path | None = Field(None, description="append every frame's decision as a JSON line (audit)")
     image_threshold: float | None = Field(None, description="overrides the checkpoint's image threshold")
     pixel_threshold: float | None = Field(None, description="overrides the checkpoint's pixel threshold")
@@ -246,6 +342,25 @@ class StoreConfig(Section):
     max_gb: float = Field(10.0, gt=0, description="delete the oldest events beyond this total size (except kept)")
     fsync: bool = Field(True, description="fsync image files before they count as written (power-loss safe)")
     thumbnail_px: int = Field(320, ge=32, le=2048, description="longer side of the thumbnail")
+    latch_dir: Path | None = Field(
+        None, description="folder of the latch file (latch.json) and the acknowledge mailbox, kept apart from the "
+        "index so that a broken index never loses a latched stop; default: the store folder. Another file system "
+        "than the pictures' keeps acknowledges working when that one is full or read-only"
+    )
+
+
+API_TOKEN_MIN_CHARS = 16
+
+
+def api_token_problem(token: str) -> str | None:
+    """Why ``token`` (already stripped of surrounding blanks) cannot be the API's Bearer token, or None.
+    The reason never repeats the token."""
+    if len(token) < API_TOKEN_MIN_CHARS:
+        return (f"must have at least {API_TOKEN_MIN_CHARS} characters (it has {len(token)}); "
+                "make one with: openssl rand -hex 32")
+    if not all("!" <= ch <= "~" for ch in token):
+        return "must be printable ASCII without blanks (it is sent in an HTTP header)"
+    return None
 
 
 class ApiConfig(Section):
@@ -255,14 +370,27 @@ class ApiConfig(Section):
     ``Authorization: Bearer <token>`` on ``/api/...`` and ``/metrics``; a token set while binding
     loopback is required all the same. ``/healthz`` and the page's static files need none."""
 
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)  # the token
+
     enabled: bool = Field(True, description="serve the API and the web page")
     host: str = Field("127.0.0.1", description="address to bind; not loopback requires token or token_file")
     port: int = Field(8080, ge=0, le=65535, description="TCP port (0: any free port, logged at start)")
-    token: str | None = Field(None, description="Bearer token (use a long random one: openssl rand -hex 32)")
-    token_file: Path | None = Field(None, description="file holding the token (first line), e.g. a systemd credential")
+    token: str | None = Field(None, description="Bearer token: at least 16 printable ASCII characters, no blanks "
+                                                "(use a long random one: openssl rand -hex 32)")
+    token_file: Path | None = Field(None, description="file holding the token (first line, same rules as token), "
+                                                      "e.g. a systemd credential")
+
+    @field_validator("token", mode="after")
+    @classmethod
+    def _strip_token(cls, v: str | None) -> str | None:
+        return v.strip() if v is not None else None
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> ApiConfig:
+        if self.token is not None:  # checked here, not in a field validator: errors then never print the value
+            problem = api_token_problem(self.token)
+            if problem:
+                raise ValueError(f"token {problem}")
         if not _is_loopback(self.host) and not (self.token or self.token_file):
             raise ValueError(f"binding {self.host!r} (not loopback) requires 'token' or 'token_file'")
         if self.token and self.token_file:

@@ -3,6 +3,10 @@
 Each process calls :func:`setup_logging` once with its stage name (``cli``, ``supervisor``,
 ``capture.cam0``, ``infer.0`` ...); every record then carries ``stage`` and ``pid``. Library code
 only does ``structlog.get_logger(__name__)`` and never configures anything itself.
+
+Exceptions are logged with their traceback (file, line, function, the source line) but never with the
+frames' local variables: structlog's structured tracebacks and rich's would add them, and they can hold
+tokens, PLC addresses and settings that must not end up in journald.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sys
 from typing import Literal, TextIO
 
 import structlog
+import structlog.tracebacks
 
 LogFormat = Literal["auto", "console", "json"]
 
@@ -47,9 +52,11 @@ def setup_logging(
     ]
     if resolved == "json":
         renderer: structlog.typing.Processor = structlog.processors.JSONRenderer()
-        shared += [structlog.processors.dict_tracebacks]
+        shared += [structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False, use_rich=False))]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=getattr(stream, "isatty", lambda: False)())
+        renderer = structlog.dev.ConsoleRenderer(colors=getattr(stream, "isatty", lambda: False)(),
+                                                 exception_formatter=structlog.dev.plain_traceback)
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -32,7 +32,8 @@ import zmq
 from knitwatch.config import Settings
 from knitwatch.daemon.logs import setup_logging
 from knitwatch.daemon.telemetry import GpuTelemetry, gpu_stats
-from knitwatch.pipeline import wire
+from knitwatch.pipeline import security, wire
+from knitwatch.pipeline.stages.common import die_with_parent
 
 log = structlog.get_logger(__name__)
 
@@ -59,7 +60,12 @@ def sd_notify(message: str) -> bool:
 def run_stage(module: str, name: str, kwargs: dict, log_level: str, log_format: str) -> None:
     """Run one stage in this process, as every stage process does (the target of the processes the
     supervisor spawns): logging for ``name``, then ``module``'s ``run(name=name, **kwargs)``; exits
-    with its return code, 1 (and the traceback logged) when it raises."""
+    with its return code, 1 (and the traceback logged) when it raises.
+
+    The first thing it does is to tie its life to the supervisor's: a stage that is still starting (an
+    inference worker loading its model takes seconds) must not outlive a supervisor killed meanwhile,
+    or it would join the next daemon with the old checkpoint."""
+    die_with_parent(os.getppid())
     setup_logging(name, level=log_level, fmt=log_format)
     try:
         rc = importlib.import_module(module).run(name=name, **kwargs)
@@ -123,6 +129,8 @@ class Supervisor:
             "tiles": settings.inference.tiles_endpoint or f"ipc://{self.run_dir}/tiles.sock",
             "results": settings.inference.results_endpoint or f"ipc://{self.run_dir}/results.sock",
         }
+        # tcp:// worker links need CURVE keys (or allow_insecure_tcp): refused here, before any process starts
+        self.links = security.check_daemon_links(settings.inference)
         self.mp = mp.get_context("spawn")
         self.procs: dict[str, StageProc] = {s.name: StageProc(s) for s in self.specs()}
         self.stop_signal: int | None = None
@@ -135,6 +143,8 @@ class Supervisor:
         self.api: Any = None  # knitwatch.daemon.api.app.ApiServer while serving
         self._totals: dict[tuple[str, str], Counter] = collections.defaultdict(Counter)
         self._window: collections.deque = collections.deque(maxlen=12)  # (t, {cam: (captured, inspected)})
+        self.bad_control: collections.Counter[str] = collections.Counter()  # dropped control messages by reason
+        self._bad_control_logged = 0.0
 
     def _runtime_dir(self) -> Path:
         d = self.settings.daemon.runtime_dir or os.environ.get("RUNTIME_DIRECTORY")
@@ -156,10 +166,11 @@ class Supervisor:
                 "results_endpoint": ep["results"], "thresholds": self.ckpt["thresholds"],
                 "alert": s.alert, "cameras": s.cameras, "plc": s.plc, "store": s.store,
                 "model": {"kind": self.ckpt.get("kind"), "path": self.ckpt["path"], "id": self.ckpt.get("id")},
+                "inference": s.inference,
             }),
             StageSpec("tiler", "tiler", "knitwatch.pipeline.stages.tiler", {
                 "frames_endpoint": ep["frames"], "tiles_endpoint": ep["tiles"], "preprocess": self.ckpt["preprocess"],
-                "cameras": s.cameras, "tiling": s.tiling,
+                "cameras": s.cameras, "tiling": s.tiling, "inference": s.inference,
             }),
         ]
         for i in range(s.inference.workers):
@@ -260,17 +271,28 @@ class Supervisor:
             left = int((deadline - time.monotonic()) * 1000)
             if not ctl.poll(max(0, left)):
                 return
-            try:
+            try:  # every field checked by the heartbeat's schema (wire.decode): a bad message is dropped
                 msg = wire.recv(ctl)
+                if msg.kind != "heartbeat":
+                    raise wire.WireError(f"a {msg.kind} message on the control socket", f"unexpected.{msg.kind}")
                 sp = self.procs.get(msg["stage"])
-                if sp is None or msg.kind != "heartbeat":
-                    raise wire.WireError(f"heartbeat from unknown stage {msg.header.get('stage')!r}")
+                if sp is None:
+                    raise wire.WireError(f"heartbeat from unknown stage {msg['stage']!r}", "heartbeat.unknown_stage")
             except wire.WireError as e:
-                log.warning("bad control message", reason=str(e))
+                self._bad_control(e)
                 continue
             if sp.process is not None and msg["pid"] == sp.process.pid:
                 sp.last_beat = time.monotonic()
                 sp.stats = msg["stats"]
+
+    def _bad_control(self, e: wire.WireError) -> None:
+        """Count a control message that cannot be used (by reason); log at most once a second."""
+        self.bad_control[e.reason] += 1
+        now = time.monotonic()
+        if now - self._bad_control_logged >= 1.0:
+            self._bad_control_logged = now
+            log.warning("bad control message dropped", reason=e.reason, detail=str(e)[:300],
+                        count=sum(self.bad_control.values()))
 
     def _stats(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -316,6 +338,7 @@ class Supervisor:
             "cameras": cameras,
             "stages": stages,
             "model_ms_p50": [m for m in model_ms if m is not None],
+            "bad_control_messages": dict(self.bad_control),
             "stats_time": time.time(),
         }
         gpu = gpu_stats(self.gpu, stages, {sp.pid for sp in self.procs.values() if sp.pid is not None})

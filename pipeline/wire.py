@@ -3,8 +3,10 @@
 A message is ``[header_json, buffer_0, buffer_1, ...]`` (on a ROUTER socket preceded by the peer's
 identity frame). The header names the message ``kind``, the
 format version ``v`` and, for each buffer, its shape and dtype under ``bufs``; buffers travel as
-raw bytes, sent zero-copy. :func:`decode` checks everything a receiver relies on and raises
-:class:`WireError` for anything else: receivers count and drop such messages, they never crash.
+raw bytes, sent zero-copy. :func:`decode` checks everything a receiver relies on - the framing here,
+every header field's type and range and the buffers' dtype, shape and agreement with the header by
+the kind's schema (:mod:`knitwatch.pipeline.messages`) - and raises :class:`WireError` for anything
+else: receivers count and drop such messages (by ``reason``), they never crash.
 """
 
 from __future__ import annotations
@@ -17,25 +19,29 @@ from typing import Any
 import numpy as np
 import zmq
 
+from knitwatch.pipeline import messages
+from knitwatch.pipeline.messages import NBUFS, REQUIRED
+
 VERSION = 1
 KINDS = ("frame", "tiles", "result", "heartbeat", "credit")
 _DTYPES = {"uint8", "float16", "float32"}
 _MAX_HEADER = 1 << 20
+_MAX_NDIM = 4
+_MAX_DIM = 1 << 31
 
-#: header keys every message of a kind must carry (besides v, kind, bufs)
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "frame": ("cam", "seq", "t_wall_ns", "t_mono_ns"),
-    "tiles": ("cam", "seq", "t_wall_ns", "t_mono_ns", "grid"),
-    "result": ("cam", "seq", "t_wall_ns", "t_mono_ns", "image_score", "tile_scores"),
-    "heartbeat": ("stage", "pid", "stats"),
-    "credit": ("n",),
-}
-#: how many buffers a kind carries
-NBUFS = {"frame": 1, "tiles": 2, "result": 2, "heartbeat": 0, "credit": 0}
+__all__ = ["KINDS", "NBUFS", "REQUIRED", "VERSION", "Message", "WireError", "decode", "encode", "recv",
+           "recv_routed", "send", "send_routed"]
 
 
 class WireError(ValueError):
-    """A message that cannot be used (wrong version, shape, size, JSON ...)."""
+    """A message that cannot be used (wrong version, shape, size, JSON, a field's type ...).
+
+    ``reason``: a short key naming what was wrong (``json``, ``version``, ``kind``, ``<kind>.bufs``,
+    ``<kind>.<field>`` ...), from a bounded set, for counting; the message says it in words."""
+
+    def __init__(self, detail: str, reason: str = "malformed") -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 @dataclass
@@ -51,57 +57,80 @@ class Message:
 def encode(kind: str, header: dict[str, Any], arrays: Sequence[np.ndarray] = ()) -> list[Any]:
     """Multipart frames for ``socket.send_multipart(..., copy=False)``; arrays are sent without copying."""
     if kind not in KINDS:
-        raise WireError(f"unknown message kind {kind!r}")
+        raise WireError(f"unknown message kind {kind!r}", "kind")
     bufs = []
     parts: list[Any] = []
     for a in arrays:
         a = np.ascontiguousarray(a)
         if a.dtype.name not in _DTYPES:
-            raise WireError(f"dtype {a.dtype} cannot be sent")
+            raise WireError(f"dtype {a.dtype} cannot be sent", f"{kind}.bufs")
         bufs.append({"shape": list(a.shape), "dtype": a.dtype.name})
         parts.append(a.data.cast("B") if a.size else b"")
     head = {**header, "v": VERSION, "kind": kind, "bufs": bufs}
     return [json.dumps(head, separators=(",", ":")).encode(), *parts]
 
 
+def _reject_constant(name: str) -> Any:  # noqa: ANN401 - json's parse_constant hook
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _short(value: Any) -> str:  # noqa: ANN401 - any JSON value, for a message
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def decode(parts: list[Any]) -> Message:
     """Parse and validate a received multipart message. Raises :class:`WireError`."""
+    try:
+        return _decode(parts)
+    except RecursionError:  # JSON nested too deeply to parse, check or print
+        raise WireError("header nested too deeply", "json") from None
+
+
+def _decode(parts: list[Any]) -> Message:
     if not parts:
-        raise WireError("empty message")
+        raise WireError("empty message", "empty")
     raw = parts[0].bytes if isinstance(parts[0], zmq.Frame) else parts[0]
     if len(raw) > _MAX_HEADER:
-        raise WireError(f"header of {len(raw)} bytes is too large")
+        raise WireError(f"header of {len(raw)} bytes is too large", "header_size")
     try:
-        head = json.loads(bytes(raw))
+        head = json.loads(bytes(raw), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
-        raise WireError(f"header is not JSON: {e}") from None
+        raise WireError(f"header is not JSON: {str(e)[:200]}", "json") from None
     if not isinstance(head, dict):
-        raise WireError("header is not a JSON object")
-    if head.get("v") != VERSION:
-        raise WireError(f"message version {head.get('v')!r}, expected {VERSION}")
+        raise WireError("header is not a JSON object", "json")
+    if type(head.get("v")) is not int or head.get("v") != VERSION:
+        raise WireError(f"message version {_short(head.get('v'))}, expected {VERSION}", "version")
     kind = head.get("kind")
-    if kind not in KINDS:
-        raise WireError(f"unknown message kind {kind!r}")
-    missing = [k for k in REQUIRED[kind] if k not in head]
-    if missing:
-        raise WireError(f"{kind} message lacks {', '.join(missing)}")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise WireError(f"unknown message kind {_short(kind)}", "kind")
     bufs = head.get("bufs")
     if not isinstance(bufs, list) or len(bufs) != NBUFS[kind] or len(parts) != 1 + len(bufs):
-        raise WireError(f"{kind} message needs {NBUFS[kind]} buffer(s), got {len(parts) - 1}")
+        listed = len(bufs) if isinstance(bufs, list) else "no"
+        raise WireError(f"{kind} message needs {NBUFS[kind]} buffer(s), got {len(parts) - 1} ({listed} in its header)",
+                        f"{kind}.bufs")
     arrays = []
     for i, (spec, part) in enumerate(zip(bufs, parts[1:], strict=True)):
-        try:
-            shape = tuple(int(s) for s in spec["shape"])
-            dtype = np.dtype(spec["dtype"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise WireError(f"buffer {i}: bad shape/dtype ({e})") from None
-        if dtype.name not in _DTYPES or any(s < 0 for s in shape):
-            raise WireError(f"buffer {i}: bad shape/dtype {shape} {dtype}")
+        shape_in = spec.get("shape") if isinstance(spec, dict) else None
+        dtype_in = spec.get("dtype") if isinstance(spec, dict) else None
+        if (not isinstance(shape_in, list) or len(shape_in) > _MAX_NDIM
+                or any(type(s) is not int or not 0 <= s <= _MAX_DIM for s in shape_in)
+                or not isinstance(dtype_in, str) or dtype_in not in _DTYPES):
+            raise WireError(f"buffer {i}: bad shape/dtype {_short(spec)}", f"{kind}.bufs")
+        shape = tuple(shape_in)
+        dtype = np.dtype(dtype_in)
         buf = part.buffer if isinstance(part, zmq.Frame) else part
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if len(memoryview(buf).cast("B")) != expected:
-            raise WireError(f"buffer {i}: {len(memoryview(buf))} bytes, shape {shape} {dtype} needs {expected}")
+        expected = dtype.itemsize
+        for s in shape:  # Python integers: a huge shape cannot overflow into a small size
+            expected *= s
+        got = len(memoryview(buf).cast("B"))
+        if got != expected:
+            raise WireError(f"buffer {i}: {got} bytes, shape {shape} {dtype} needs {expected}", f"{kind}.bufs")
         arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
+    try:
+        messages.check(kind, head, arrays)
+    except messages.SchemaError as e:
+        raise WireError(e.detail, e.reason) from None
     return Message(kind, head, arrays)
 
 
@@ -119,7 +148,7 @@ def recv_routed(sock: zmq.Socket, flags: int = 0) -> tuple[bytes, Message]:
     """Receive on a ROUTER socket: (peer identity, message). :class:`WireError` when malformed."""
     parts = sock.recv_multipart(flags=flags, copy=False)
     if len(parts) < 2:
-        raise WireError("routed message without identity")
+        raise WireError("routed message without identity", "identity")
     return parts[0].bytes, decode(parts[1:])
 
 

@@ -16,10 +16,13 @@ Endpoints (JSON unless noted)::
     POST /api/alarm/ack                 {"by": "...", "camera": null|"id", "note": "..."}; ?wait=S waits for the
                                         alert stage to apply it (reset the latch, clear the PLC's stop output)
 
-Security (:mod:`knitwatch.daemon.api.security`): a token when bound off loopback, only loopback Host
-names on loopback without a token, no cross-site POSTs. Event ids are validated (positive integers), file
-kinds come from a fixed list, and files are resolved only through the store's index and checked to lie
-inside the store - no path from a request ever reaches the file system.
+Security (:mod:`knitwatch.daemon.api.security`): a token (16+ characters) when bound off loopback, only
+loopback Host names on loopback without a token, no cross-site POSTs (``Origin: null`` included), request
+bodies of at most 64 KiB, all decided from the headers before the body is read. Event ids are validated
+(positive integers), file kinds come from a fixed list, and files are resolved only through the store's
+index and checked to lie inside the store - no path from a request ever reaches the file system. Answers
+(:mod:`~knitwatch.daemon.api.public`) carry no absolute paths and never echo invalid input. The OpenAPI
+schema is at ``/api/openapi.json`` (behind the token when one is set); there is no docs page.
 
 Modules: the routes per resource under :mod:`knitwatch.daemon.api.routes`, the request bodies in
 :mod:`~knitwatch.daemon.api.schemas`, what the routes share (the daemon view, the store handle) in
@@ -38,27 +41,38 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from knitwatch.config import Settings
+from knitwatch.config.settings import api_token_problem
 from knitwatch.daemon.api.deps import DaemonView, StaticView, StoreHandle
 from knitwatch.daemon.api.metrics import metrics_registry
+from knitwatch.daemon.api.public import Redactor, install_error_handlers, response_class
 from knitwatch.daemon.api.routes import alarm, events, status, web
-from knitwatch.daemon.api.security import ApiError, guard, host_check_needed, load_token
+from knitwatch.daemon.api.security import ApiError, Gate, host_check_needed, load_token
 
 log = structlog.get_logger(__name__)
 
 
 def create_app(settings: Settings, view: DaemonView | None = None, *, token: str | None = None,
                bound_host: str | None = None) -> FastAPI:
-    """The FastAPI application for ``settings`` (its store, cameras and API section)."""
+    """The FastAPI application for ``settings`` (its store, cameras and API section). ApiError when
+    ``token`` is not usable (see :func:`knitwatch.config.settings.api_token_problem`)."""
+    if token is not None:
+        problem = api_token_problem(token)
+        if problem:
+            raise ApiError(f"the API token {problem}")
     view = view or StaticView()
     stores = StoreHandle(settings.store.path, fsync=settings.store.fsync)
-    app = FastAPI(title="knitwatch", version="1", docs_url="/api/docs", redoc_url=None,
-                  openapi_url="/api/openapi.json")
+    json_response = response_class(Redactor([settings.store.path]))
+    # no docs page (its scripts come from a CDN the page's CSP refuses); the schema is behind the token
+    app = FastAPI(title="knitwatch", version="1", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json",
+                  default_response_class=json_response)
     app.state.view = view
     app.state.stores = stores
     app.state.cameras = [c.id for c in settings.cameras]
     app.state.token = token
+    app.state.json_response = json_response
     app.state.metrics = metrics_registry(view, stores)
-    app.middleware("http")(guard(host_check_needed(token, bound_host or settings.api.host)))
+    app.add_middleware(Gate, token=token, check_host=host_check_needed(token, bound_host or settings.api.host))
+    install_error_handlers(app, json_response)
     for module in (web, status, events, alarm):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.WEB_DIR, check_dir=False), name="static")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from knitwatch.daemon.bench import accuracy, detection, model, pipeline
+from knitwatch.daemon.bench import accuracy, detection, model, pipeline, position
 from knitwatch.daemon.cli.common import add_group
 
 
@@ -14,3 +14,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.register(bsub)
     accuracy.register_accuracy(bsub)
     detection.register(bsub)
+    position.register(bsub)

@@ -1,105 +1,227 @@
-"""``knitwatch bench detection``: recall, false stops per hour and delay on a simulated machine.
+"""``knitwatch bench detection``: per defect and overall - recall of stops, duplicates, false stops, delay.
 
-Simulated fabric with scheduled defects of every kind (and a cutline every revolution) streams through
-the whole daemon; the alert stage's per-frame decisions, with the simulator's truth, tell which defects
-led to a stop, which stops were false and how long a defect was visible before its stop.
+Simulated fabric with one scheduled defect of every kind (the needle line a broken needle that comes
+back every revolution; a cutline every revolution) streams through the whole daemon; the alert
+stage's per-frame decisions (its decisions log: regions, tracks and events, with the simulator's truth)
+tell, for each defect, in how many frames it was seen, flagged and confirmed, which events were made
+for it, whether and how soon the machine stopped, and which stops were false.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from knitwatch.config import Settings
-from knitwatch.config.settings import CameraConfig, SimulatorConfig
+from knitwatch.config.settings import CameraConfig, PositionConfig, SimulatorConfig
 from knitwatch.daemon.bench.pipeline import add_run_options, run_daemon
-from knitwatch.daemon.cli.common import checkpoint_summary, write_report
+from knitwatch.daemon.cli.common import CliError, checkpoint_summary, table, write_report
 from knitwatch.daemon.cli.demo import DEMO_H, DEMO_REV, DEMO_SPEED, DEMO_TILE, DEMO_W
 from knitwatch.daemon.logs import setup_logging
 
 DETECTION_DEFECTS = ("hole", "ladder", "needle_line", "tension_stripe", "oil_stain", "slub", "fly")
 
 
-def detection_report(rows: list[dict], *, fps: float, min_area_px: int, after: int = 3) -> dict[str, Any]:
-    """Recall, false stops and delay from the alert stage's per-frame decisions (with simulator truth).
+def _overlap(a: Sequence[float], b: Sequence[float], margin: float) -> bool:
+    """Boxes (x0, y0, x1, y1) overlap, ``a`` grown by ``margin`` pixels on each side."""
+    return (a[0] - margin < b[2] and b[0] < a[2] + margin and a[1] - margin < b[3] and b[1] < a[3] + margin)
 
-    A defect counts from the first inspected frame that shows at least ``min_area_px`` of it; it is
-    *caught* when a ``stop`` event fires while it is visible or within ``after`` frames after it left.
-    A stop on a frame that shows no defect and follows no visible defect within 10 frames is *false*.
+
+def _area(box: Sequence[float]) -> float:
+    return float((box[2] - box[0]) * (box[3] - box[1]))
+
+
+def _is_stop(view: dict) -> bool:
+    """A track view (decisions log) that stopped the machine in its frame: a new stop event, or an
+    event escalated to stop."""
+    return view.get("action") == "stop" and bool(view.get("new_event") or view.get("escalated"))
+
+
+def detection_report(rows: list[dict], *, fps: float, min_area_px: int, after: int = 3, margin_px: float = 16.0,
+                     pass_gap: int = 10) -> dict[str, Any]:
+    """Per scheduled defect and overall: recall of stops, duplicates, false stops, delay - from the alert
+    stage's per-frame decisions (the decisions log) with the simulator's truth.
+
+    A defect (the simulator's id: a recurring one - a needle line - is one defect over its revolutions)
+    is *seen* in the inspected frames that show at least ``min_area_px`` of it; ``passes`` counts its
+    runs of frames (a gap of more than ``pass_gap`` frames starts another: a new revolution).
+
+    With tracks in the log (the tracking alert stage): a track region that overlaps a defect's box
+    (within ``margin_px``) in a frame *flags* it there, and *confirms* it when the track is confirmed;
+    each event belongs to the defect its tracks overlapped most often (none: a *false event*); a defect
+    is *stopped* when one of its events was created as, or escalated to, a stop; its *duplicates* are its
+    events beyond the first. A stop of a false event is a *false stop*.
+
+    Without tracks (an older log): a defect counts as stopped when a ``stop`` event fires while it is
+    visible or within ``after`` frames after it left; a stop on a frame that shows no defect and follows
+    no visible defect within 10 frames is false.
     """
     rows = sorted(rows, key=lambda r: r["seq"])
-    first_seen: dict[Any, int] = {}
-    last_seen: dict[Any, int] = {}
+    tracked = any("tracks" in r for r in rows)
+    seen: dict[Any, list[int]] = {}
     kinds: dict[Any, str] = {}
+    flagged: dict[Any, set[int]] = {}
+    confirmed: dict[Any, set[int]] = {}
+    overlaps: dict[int, Counter[Any]] = {}  # event id -> defect -> frames its tracks overlapped it
+    stops: list[tuple[int, int | None, float | None]] = []  # (seq, event id, latency ms)
+    revolutions: dict[int, int] = {}  # event id -> revolutions counted by the alert stage
     last_defect_seq = -(10**9)
-    stops = [r for r in rows if r.get("event") and r.get("action") == "stop"]
-    false_stops = 0
+    legacy_false = 0
     for r in rows:
-        visible = [d for d in r["truth"]["defects"]
-                   if (d["box"][2] - d["box"][0]) * (d["box"][3] - d["box"][1]) >= min_area_px]
-        for d in visible:
-            key = (d.get("id"), r["truth"]["revolution"] if d["kind"] == "needle_line" else 0)
-            first_seen.setdefault(key, r["seq"])
-            last_seen[key] = r["seq"]
+        seq = r["seq"]
+        truth = r["truth"]["defects"]
+        for d in truth:
+            key = d.get("id")
             kinds[key] = d["kind"]
-        if r["truth"]["defects"]:
-            last_defect_seq = r["seq"]
-        elif r.get("event") and r.get("action") == "stop" and r["seq"] - last_defect_seq > 10:
-            false_stops += 1
-    caught: dict[Any, int] = {}
-    for key, seq0 in first_seen.items():
-        hit = [s["seq"] for s in stops if seq0 <= s["seq"] <= last_seen[key] + after]
-        if hit:
-            caught[key] = hit[0] - seq0
+            if _area(d["box"]) >= min_area_px:
+                seen.setdefault(key, []).append(seq)
+        lat = r["latency_ms"]["capture_to_decision"] if isinstance(r.get("latency_ms"), dict) else r.get("latency_ms")
+        if tracked:
+            for t in r.get("tracks") or []:
+                hits = [d.get("id") for d in truth if _overlap(t["bbox"], d["box"], margin_px)]
+                for key in hits:
+                    flagged.setdefault(key, set()).add(seq)
+                    if t.get("confirmed"):
+                        confirmed.setdefault(key, set()).add(seq)
+                eid = t.get("event_id")
+                if eid is not None:
+                    c = overlaps.setdefault(eid, Counter())
+                    c.update(hits)
+                    revolutions[eid] = max(revolutions.get(eid, 1), int(t.get("revolutions") or 1))
+                    if _is_stop(t):
+                        stops.append((seq, eid, lat))
+        else:
+            visible = [d.get("id") for d in truth if _area(d["box"]) >= min_area_px]
+            for key in visible:
+                if r.get("defect"):
+                    flagged.setdefault(key, set()).add(seq)
+                if r.get("confirmed"):
+                    confirmed.setdefault(key, set()).add(seq)
+            if r.get("event") and r.get("action") == "stop":
+                stops.append((seq, r.get("event_id"), lat))
+            if truth:
+                last_defect_seq = seq
+            elif r.get("event") and r.get("action") == "stop" and seq - last_defect_seq > 10:
+                legacy_false += 1
+
+    owner: dict[int, Any] = {}  # event id -> the defect it is about
+    for eid, c in overlaps.items():
+        if c:
+            owner[eid] = c.most_common(1)[0][0]
+    per_defect = []
+    delays: list[int] = []
+    stop_lat: list[float] = []
+    for key in sorted(seen, key=lambda k: seen[k][0]):
+        seqs = seen[key]
+        passes = 1 + sum(1 for a, b in zip(seqs, seqs[1:], strict=False) if b - a > pass_gap)
+        if tracked:
+            events = sorted(e for e, k in owner.items() if k == key)
+            hit = sorted((s, lat) for s, e, lat in stops if e in events)
+        else:
+            events = sorted({e for s, e, _ in stops if seqs[0] <= s <= seqs[-1] + after and e is not None})
+            hit = sorted((s, lat) for s, _e, lat in stops if seqs[0] <= s <= seqs[-1] + after)
+        delay = hit[0][0] - seqs[0] if hit else None
+        if delay is not None:
+            delays.append(delay)
+            if hit[0][1]:
+                stop_lat.append(float(hit[0][1]))
+        per_defect.append({
+            "id": key, "kind": kinds[key], "first_seq": seqs[0], "passes": passes, "frames_seen": len(seqs),
+            "frames_flagged": len(flagged.get(key, ())), "frames_confirmed": len(confirmed.get(key, ())),
+            "confirmed": bool(confirmed.get(key)), "events": len(events), "event_ids": events,
+            "revolutions": max((revolutions.get(e, 1) for e in events), default=0),
+            "stopped": delay is not None, "delay_frames": delay,
+        })
+    n = len(per_defect)
+    n_conf = sum(d["confirmed"] for d in per_defect)
+    n_stop = sum(d["stopped"] for d in per_defect)
+    n_conf_stop = sum(d["stopped"] and d["confirmed"] for d in per_defect)
+    if tracked:
+        false_events = sorted(e for e in overlaps if e not in owner)
+        false_stops = sum(1 for _s, e, _ in stops if e not in owner)
+    else:
+        false_events, false_stops = [], legacy_false
     clean = sum(1 for r in rows if not r["truth"]["defects"])
     hours = clean / fps / 3600.0
-    delays = list(caught.values())
-    lat = [r["latency_ms"]["capture_to_decision"] if isinstance(r.get("latency_ms"), dict) else r.get("latency_ms")
-           for r in stops]
     by_kind: dict[str, list[int]] = {}
-    for key, kind in kinds.items():
-        by_kind.setdefault(kind, [0, 0])
-        by_kind[kind][0] += 1
-        by_kind[kind][1] += key in caught
+    for d in per_defect:
+        k = by_kind.setdefault(d["kind"], [0, 0])
+        k[0] += 1
+        k[1] += d["stopped"]
     return {
         "frames_inspected": len(rows),
         "defect_free_frames": clean,
-        "defects": len(first_seen),
-        "defects_stopped": len(caught),
-        "recall": round(len(caught) / len(first_seen), 3) if first_seen else None,
+        "defects": n,
+        "defects_confirmed": n_conf,
+        "defects_stopped": n_stop,
+        "recall": round(n_stop / n, 3) if n else None,
+        "recall_confirmed": round(n_conf_stop / n_conf, 3) if n_conf else None,
         "recall_by_kind": {k: f"{v[1]}/{v[0]}" for k, v in sorted(by_kind.items())},
+        "events": sum(d["events"] for d in per_defect) + len(false_events),
+        "duplicates": sum(max(0, d["events"] - 1) for d in per_defect),
+        "false_events": len(false_events),
         "false_stops": false_stops,
         "defect_free_hours": round(hours, 4),
         "false_stops_per_hour": round(false_stops / hours, 2) if hours > 0 else None,
         "delay_frames_p50": float(np.median(delays)) if delays else None,
         "delay_frames_max": max(delays) if delays else None,
-        "delay_ms_p50": round(float(np.median(delays)) * 1000 / fps + float(np.median([x for x in lat if x])), 1)
-        if delays and any(lat) else None,
+        "delay_ms_p50": round(float(np.median(delays)) * 1000 / fps + float(np.median(stop_lat)), 1)
+        if delays and stop_lat else None,
         "stop_events": len(stops),
+        "tracked": tracked,
+        "per_defect": per_defect,
     }
+
+
+def per_defect_table(report: dict[str, Any]) -> str:
+    """The report's defects, one line each."""
+    rows = [[str(d["id"]), d["kind"], str(d["first_seq"]), str(d["passes"]), str(d["frames_seen"]),
+             str(d["frames_flagged"]), str(d["frames_confirmed"]), str(d["events"]), str(d["revolutions"]),
+             "yes" if d["stopped"] else "no", "-" if d["delay_frames"] is None else str(d["delay_frames"])]
+            for d in report["per_defect"]]
+    return table(rows, ["id", "kind", "frame", "passes", "seen", "flagged", "confirmed", "events", "revs",
+                        "stopped", "delay"])
+
+
+def detection_schedule(frames: int) -> list[dict[str, Any]]:
+    """One defect of each kind, evenly spread over the first half of the run; the needle line is a broken
+    needle (``every_revolution``: it comes back every revolution until the end)."""
+    every = max(20, frames // (2 * len(DETECTION_DEFECTS)))
+    return [{"kind": k, "frame": 10 + i * every, "size": 2.0, "intensity": 1.5,
+             "every_revolution": k == "needle_line"}
+            for i, k in enumerate(DETECTION_DEFECTS) if 10 + i * every < frames - 20]
 
 
 def cmd_bench_detection(args: argparse.Namespace) -> int:
     from knitwatch.pipeline.offline.demo import train_simulator_model
 
+    if args.frames < 60:
+        raise CliError(f"--frames must be at least 60 (got {args.frames}): the defects are spread over the run")
+    if not 0 < args.fps <= 240:
+        raise CliError(f"--fps must be above 0 and at most 240 (got {args.fps})")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise CliError(f"checkpoint not found: {args.checkpoint}")
     setup_logging("bench", level="WARNING", fmt=args.log_format or "auto")
     work = args.workdir
     ckpt_path = args.checkpoint or work / "model.ckpt"
     if not ckpt_path.is_file():
+        sys.stderr.write(f"training the demo model ({args.steps} steps) into {ckpt_path} ...\n")
         train_simulator_model(ckpt_path, width=DEMO_W, height=DEMO_H, speed_px=DEMO_SPEED, revolution_frames=DEMO_REV,
                               tile=DEMO_TILE, frames=40, steps=args.steps, distill_steps=args.steps // 2)
     ckpt = checkpoint_summary(ckpt_path)
-    every = max(20, args.frames // (2 * len(DETECTION_DEFECTS)))
-    defects = [{"kind": k, "frame": 10 + i * every, "size": 2.0, "intensity": 1.5}
-               for i, k in enumerate(DETECTION_DEFECTS) if 10 + i * every < args.frames - 20]
+    defects = detection_schedule(args.frames)
     settings = Settings()
     settings.cameras = [CameraConfig(id="bench", source="simulator", fps=args.fps, width=DEMO_W, height=DEMO_H,
                                      simulator=SimulatorConfig(pitch_px=6.0, speed_px=DEMO_SPEED,
-                                                               revolution_frames=DEMO_REV, seed=5, defects=defects))]
+                                                               revolution_frames=DEMO_REV, seed=5, defects=defects),
+                                     position=PositionConfig(source=args.position))]
     settings.inference.device = args.device  # type: ignore[assignment]
     settings.store.path = work / "store"
     decisions = work / "detection-decisions.jsonl"
@@ -107,27 +229,43 @@ def cmd_bench_detection(args: argparse.Namespace) -> int:
     settings.alert.decisions_log = decisions
     settings.alert.severity = [{"name": "defect", "action": "stop"}]  # every confirmed defect is a stop
     settings.daemon.stats_interval_s = 5.0
-    snap = run_daemon(settings, ckpt, args.frames / args.fps + 15, "json")
+    seconds = args.frames / args.fps + 15
+    sys.stderr.write(f"streaming {args.frames} frames at {args.fps:g} fps through the daemon (~{seconds:.0f} s), "
+                     f"{len(defects)} scheduled defects, position source {args.position} ...\n")
+    snap = run_daemon(settings, ckpt, seconds, "json")
     rows = [json.loads(line) for line in decisions.read_text().splitlines() if line.strip()]
     report = detection_report(rows, fps=args.fps, min_area_px=settings.alert.min_area_px,
                               after=settings.alert.confirm_n)
-    report.update(coverage=snap["cameras"]["bench"].get("coverage"), fps=args.fps,
+    cam = snap["cameras"]["bench"]
+    alert_cam = (snap.get("stages", {}).get("alert", {}).get("cameras") or {}).get("bench", {})
+    report.update(coverage=cam.get("coverage"), fps=args.fps, position=args.position,
+                  positioned_frames=sum(1 for r in rows if "pos" in r),
                   confirm=f"{settings.alert.confirm_k} of {settings.alert.confirm_n}",
-                  latency_ms=snap["cameras"]["bench"].get("latency_ms"), model=ckpt["id"])
-    write_report(report, args.json, 24)
+                  recurring_defects=alert_cam.get("recurring_defects"),
+                  latency_ms=cam.get("latency_ms"), model=ckpt["id"])
+    if args.json:
+        write_report(report, True, 24)
+    else:
+        write_report({k: v for k, v in report.items() if k != "per_defect"}, False, 24)
+        sys.stdout.write("\n" + per_defect_table(report))
     return 0
 
 
 def register(bsub: argparse._SubParsersAction) -> None:
     """Add ``detection`` to the ``knitwatch bench`` subcommands."""
-    d = bsub.add_parser("detection", help="recall, false stops per hour and delay on a simulated machine",
-                        description="Stream simulated fabric with scheduled defects of every kind (and a cutline "
-                        "every revolution) through the whole daemon; report recall (defects that led to a stop), "
-                        "false stops per hour of defect-free fabric and the delay from the first frame showing "
-                        "a defect to the stop.")
+    d = bsub.add_parser("detection", help="per defect: seen, flagged, confirmed, events, stopped; recall, "
+                        "duplicates, false stops per hour, delay (simulated machine)",
+                        description="Stream simulated fabric with one scheduled defect of every kind (the needle "
+                        "line a broken needle that comes back every revolution; a cutline every revolution) "
+                        "through the whole daemon. Per defect: frames seen, flagged, confirmed, events, "
+                        "revolutions counted, stopped and the delay from its first frame to the stop; overall: "
+                        "recall of stops over all defects and over the confirmed ones, duplicates (more than one "
+                        "event for one defect), false stops per hour of defect-free fabric.")
     d.add_argument("checkpoint", type=Path, nargs="?", metavar="CKPT", help="default: train the demo model")
-    d.add_argument("--frames", type=int, default=400, help="frames to stream (default 400)")
+    d.add_argument("--frames", type=int, default=400, help="frames to stream (default 400, at least 60)")
     d.add_argument("--fps", type=float, default=2.0, help="camera frame rate (default 2: a 2-core CPU keeps up)")
     d.add_argument("--steps", type=int, default=200, help="training steps when no CKPT is given")
+    d.add_argument("--position", choices=("image", "simulator", "none"), default="image",
+                   help="the camera's fabric position source (default image: estimated from the frames)")
     add_run_options(d)
     d.set_defaults(func=cmd_bench_detection)

@@ -19,6 +19,7 @@ from knitwatch.daemon.cli import defects as cmd_defects
 from knitwatch.daemon.cli import demo as cmd_demo
 from knitwatch.daemon.cli import doctor as cmd_doctor
 from knitwatch.daemon.cli import export as cmd_export
+from knitwatch.daemon.cli import keys as cmd_keys
 from knitwatch.daemon.cli import model as cmd_model
 from knitwatch.daemon.cli import service as cmd_service
 from knitwatch.daemon.cli import status as cmd_status
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # the order of --help's command list
     for module in (cmd_service, cmd_demo, cmd_dataset, cmd_model, cmd_export, cmd_bench, cmd_defects, cmd_status,
-                   cmd_doctor):
+                   cmd_doctor, cmd_keys):
         module.register(sub)
     return parser
 

@@ -3,6 +3,8 @@ and the :class:`ActionRunner` worker thread that owns the latch, retries and the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import structlog
 
 from knitwatch.config.settings import PlcConfig
@@ -42,6 +44,6 @@ def build_driver(plc: PlcConfig) -> Driver:
     raise ValueError(f"unknown action driver {kind!r}")
 
 
-def build_runner(plc: PlcConfig, store: Store | None = None) -> ActionRunner:
-    """The runner for a ``[plc]`` section (not started)."""
-    return ActionRunner(build_driver(plc), plc, store=store)
+def build_runner(plc: PlcConfig, store: Store | None = None, latch_dir: Path | None = None) -> ActionRunner:
+    """The runner for a ``[plc]`` section (not started); ``latch_dir``: its latch file's folder."""
+    return ActionRunner(build_driver(plc), plc, store=store, latch_dir=latch_dir)

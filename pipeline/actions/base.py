@@ -27,7 +27,10 @@ class Job:
     env: dict[str, str] = field(default_factory=dict)  # KNITWATCH_* fields for the command driver
     t_capture_mono_ns: int | None = None
     t_decision_mono_ns: int = field(default_factory=time.monotonic_ns)
-    covers_event_id: int | None = None  # acks: the newest event id they acknowledge
+    covers_event_id: int | None = None  # acks from the store: the newest event id they acknowledge
+    covers_seq: int | None = None  # acks from the mailbox: the newest latch sequence number they acknowledge
+    ack_token: str | None = None  # acks: their name in the latch file (the mailbox's token, "store-<id>")
+    requested_ns: int | None = None  # acks: when they were asked for (wall clock)
     attempts: int = 0
     errors: list[str] = field(default_factory=list)
     restored: bool = False  # re-submitted at start-up (the previous process could not confirm it)

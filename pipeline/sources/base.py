@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import cv2
 import numpy as np
+import structlog
 
 from knitwatch.config.settings import CameraConfig, SimulatorConfig
 
 if TYPE_CHECKING:
     from knitwatch.pipeline.sources.knitsim import KnitStream
+
+log = structlog.get_logger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -87,7 +90,11 @@ class OpenCVSource:
 
 
 class FolderSource:
-    """Images of a folder in name order, replayed (at the capture stage's fps), optionally looping."""
+    """Images of a folder in name order, replayed (at the capture stage's fps), optionally looping.
+
+    An image that cannot be read (corrupt, unreadable, removed) is skipped - logged, counted in
+    ``bad_files`` (shown in the capture stage's stats) and left out of the rotation - so the replay
+    goes on with the next file; only a folder without any readable image is an error."""
 
     live = False
     truth: dict | None = None
@@ -97,28 +104,39 @@ class FolderSource:
         self.loop = loop
         self._files: list[Path] = []
         self._i = 0
+        self.bad_files = 0  # unreadable images skipped (each time the folder is opened)
 
     def open(self) -> None:
         if not self.folder.is_dir():
             raise SourceError(f"image folder {self.folder} does not exist")
-        self._files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        try:
+            self._files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        except OSError as e:
+            raise SourceError(f"image folder {self.folder} cannot be listed: {e}") from None
         if not self._files:
             raise SourceError(f"image folder {self.folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self._i = 0
 
     def read(self) -> np.ndarray | None:
-        if self._i >= len(self._files):
-            if not self.loop:
-                return None
-            self._i = 0
-        path = self._files[self._i]
-        self._i += 1
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise SourceError(f"cannot read image {path}")
-        if img.dtype != np.uint8:
-            img = cv2.convertScaleAbs(img, alpha=255.0 / max(1.0, float(img.max())))
-        return _to_gray_or_bgr(img)
+        while self._files:
+            if self._i >= len(self._files):
+                if not self.loop:
+                    return None
+                self._i = 0
+            path = self._files[self._i]
+            try:
+                img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            except cv2.error:  # e.g. an image too large for OpenCV's limits
+                img = None
+            if img is not None and img.size > 0:
+                self._i += 1
+                if img.dtype != np.uint8:
+                    img = cv2.convertScaleAbs(img, alpha=255.0 / max(1.0, float(img.max())))
+                return _to_gray_or_bgr(img)
+            del self._files[self._i]  # the next file moves up to index _i
+            self.bad_files += 1
+            log.warning("image cannot be read, skipped", file=str(path), skipped=self.bad_files)
+        raise SourceError(f"image folder {self.folder} holds no readable image")
 
     def close(self) -> None:
         self._files = []
@@ -160,6 +178,9 @@ class SimulatorSource:
             "frame": truth.index,
             "revolution": truth.revolution,
             "cutline": truth.cutline_visible,
+            "offset_px": truth.offset_px,
+            "circumference_px": truth.circumference_px,
+            "cutline_px": truth.cutline_px,
             "defects": [{"id": d.get("id"), "kind": d["kind"], "box": [int(v) for v in d["box"]]}
                         for d in truth.defects],
         }

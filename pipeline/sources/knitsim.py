@@ -922,6 +922,12 @@ class FrameTruth:
     cutline_box: tuple[int, int, int, int] | None  # x0, y0, x1, y1 in frame pixels (x1, y1 exclusive)
     defects: list[dict]  # [{"kind", "box": (x0, y0, x1, y1), "id", "every_revolution"}] visible here
     mask: np.ndarray  # uint8 0/255 HxW, defect pixels only (cutline is NOT a defect)
+    # where the frame lies on the tube: tube column of the frame's column 0 (0 .. circumference - 1),
+    # the circumference and the cutline's tube column (a region at frame column x is at tube column
+    # (offset_px + x) mod circumference_px)
+    offset_px: int = 0
+    circumference_px: int = 0
+    cutline_px: int = 0
 
 
 @dataclass
@@ -1233,7 +1239,8 @@ class KnitStream:
             xs1 = max(b[2] for b in cut_boxes)
             cbox = (xs0, 0, xs1, H)
         truth = FrameTruth(index=index, revolution=start // C, cutline_visible=bool(cut_boxes), cutline_box=cbox,
-                           defects=defects, mask=mask)
+                           defects=defects, mask=mask, offset_px=start % C, circumference_px=C,
+                           cutline_px=self.cutline_x)
         return out, truth
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, FrameTruth]]:

@@ -1,13 +1,18 @@
-"""Alert stage: per-frame decisions, k-of-n confirmation, severity, events, actions and snapshots.
+"""Alert stage: per-frame decisions, defects tracked on the fabric, severity, events, actions, pictures.
 
 Every result gets a decision (logged at debug level, defects at info; optionally appended to a
-JSON-lines decisions file as an audit trail). A confirmed defect outside the cool-down becomes an
-*event*, logged at warning level: its severity class (by region area and score) picks the action
-(``stop`` | ``alarm`` | ``log``); the event's row is committed to the store, the action is handed to
-the action runner (a worker thread: PLC writes, retries, latch, heartbeat - never blocking this
-loop), and then the snapshot files are written (frame, overlay, mask, thumbnail, JSON record). A
-later frame within the cool-down whose severity ranks higher *escalates* the event (alarm -> stop).
-A failing store (disk full ...) is counted and logged; inspection and actions go on without it.
+JSON-lines decisions file as an audit trail, with the frame's tracks). The frame's defect regions go
+to the camera's tracker (:mod:`knitwatch.pipeline.decision.tracking`), which places them on the fabric
+tube by the result's ``pos`` header (frame coordinates without one): one physical defect is one track
+and one *event*, confirmed k of n per track. A new confirmed defect becomes an event, logged at
+warning level: its severity class (by region area and score) picks the action (``stop`` | ``alarm`` |
+``log``); the event's row is committed to the store, the action is handed to the action runner (a
+worker thread: PLC writes, retries, latch, heartbeat - never blocking this loop), and then the
+pictures are written (frame, overlay, mask, thumbnail, JSON record). While the defect stays in view
+its event is updated: a higher severity *escalates* it (alarm -> stop), a higher peak replaces its
+pictures (the best frame), and a defect back at its tube place in a later revolution counts a
+revolution of the same event (``recurrence_stop_revolutions`` in a row: stop). A failing store (disk
+full ...) is counted and logged; inspection and actions go on without it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +33,19 @@ import numpy as np
 import structlog
 import zmq
 
-from knitwatch.config.settings import AlertConfig, CameraConfig, PlcConfig, StoreConfig
+from knitwatch.config.settings import AlertConfig, CameraConfig, InferenceConfig, PlcConfig, StoreConfig
 from knitwatch.pipeline.actions import Job, build_runner, event_env
-from knitwatch.pipeline.decision.regions import Confirmation, FrameDecision, find_regions
-from knitwatch.pipeline.decision.severity import RANK, Severity, SeverityClass, classify
+from knitwatch.pipeline.actions.latch import latch_dir_of
+from knitwatch.pipeline.decision.regions import FrameDecision, Region, find_regions
+from knitwatch.pipeline.decision.severity import RANK, Severity, SeverityClass
+from knitwatch.pipeline.decision.tracking import (
+    FramePosition,
+    Track,
+    TrackDecision,
+    Tracker,
+    TrackerConfig,
+    parse_position,
+)
 from knitwatch.pipeline.overlay import region_mask, render_overlay, thumbnail
 from knitwatch.pipeline.stages.common import Stage, percentiles
 from knitwatch.pipeline.store.database import Store, StoreError, iso_utc
@@ -67,12 +82,18 @@ class SnapshotWriter:
         self._thread = threading.Thread(target=self._run, name="knitwatch-snapshots", daemon=True)
         self._thread.start()
 
-    def submit(self, snap: Snapshot) -> None:
+    def submit(self, snap: Snapshot, *, update: bool = False) -> bool:
+        """Queue an event's pictures; False when the queue is full: a new event's row is then flagged
+        ``files_missing``, an ``update`` (a better picture of an event that has some) is left to the caller."""
         try:
             self._q.put_nowait(snap)
+            return True
         except queue.Full:
+            if update:
+                return False
             self.counters["snapshots_dropped"] += 1
             self.store.mark_files_missing(snap.event_id, "snapshot queue full (disk too slow?)")
+            return False
 
     def backlog(self) -> int:
         return self._q.qsize()
@@ -122,26 +143,32 @@ class SnapshotWriter:
 
 
 class CameraState:
-    def __init__(self, k: int, n: int) -> None:
-        self.confirm = Confirmation(k, n)
+    def __init__(self, tracking: TrackerConfig) -> None:
+        self.tracking = tracking
+        self.tracker = Tracker(tracking)
         self.epoch: int | None = None
         self.inspected = 0
         self.defect_frames = 0
         self.events = 0
         self.escalations = 0
-        self.last_event_seq: int | None = None
-        self.last_event_id: int | None = None
-        self.last_event_rank = -1
+        self.position: Counter[str] = Counter()  # frames by their fabric position: ok | missing | not_ok | bad
+        self.position_source = ""
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=1000)
+
+    def restart(self) -> None:
+        """The capture process restarted: sequence numbers start again, so do the tracks."""
+        self.tracker = Tracker(self.tracking)
 
 
 class AlertStage(Stage):
     def __init__(self, name: str, control_endpoint: str, *, results_endpoint: str, thresholds: dict,
                  alert: AlertConfig, cameras: list[CameraConfig], plc: PlcConfig | None = None,
-                 store: StoreConfig | None = None, model: dict | None = None, ack_poll_s: float = 0.5) -> None:
-        """``plc``: the ``[plc]`` section (its defaults when None); ``store``: None runs without a store."""
+                 store: StoreConfig | None = None, model: dict | None = None, ack_poll_s: float = 0.5,
+                 inference: InferenceConfig | None = None) -> None:
+        """``plc``: the ``[plc]`` section (its defaults when None); ``store``: None runs without a store;
+        ``inference``: the keys securing a tcp:// results endpoint."""
         super().__init__(name, control_endpoint)
-        self.inp = self.socket(zmq.PULL, results_endpoint, bind=True, hwm=4)
+        self.inp = self.socket(zmq.PULL, results_endpoint, bind=True, hwm=4, inference=inference)
         self.cfg = alert
         self.classes = [SeverityClass.from_dict(c.model_dump()) for c in alert.severity]
         def first_set(*values: float | None) -> float:  # an override of 0.0 is still an override
@@ -156,38 +183,55 @@ class AlertStage(Stage):
         self.store: Store | None = None
         self.writer: SnapshotWriter | None = None
         if store is not None:
-            try:
-                self.store = Store.from_config(store)
-                self.store.recover()
-                self.store.enforce_retention()
-            except (StoreError, OSError, sqlite3.Error) as e:  # inspection and the PLC matter more than pictures
+            # an index that cannot be opened (corrupt, read-only, full) leaves the store unusable, not absent: the
+            # latch is in the latch file, events are held in memory and written when the store works again
+            self.store = Store.from_config(store, degraded_ok=True)
+            if self.store.usable:
+                try:
+                    self.store.recover()
+                    self.store.enforce_retention()
+                except (StoreError, OSError, sqlite3.Error) as e:  # inspection and the PLC matter more than pictures
+                    self.counters["store_errors"] += 1
+                    self.log.error("store repair at start failed: inspection and actions go on", error=str(e))
+            else:
                 self.counters["store_errors"] += 1
-                self.log.error("store unavailable: events are only logged and acted on", error=str(e))
-                self.store = None
-            if self.store is not None:
-                self.writer = SnapshotWriter(self.store, image_threshold=self.image_threshold,
-                                             thumbnail_px=store.thumbnail_px)
-        self.runner = build_runner(plc if plc is not None else PlcConfig(), self.store)
+            self.writer = SnapshotWriter(self.store, image_threshold=self.image_threshold,
+                                         thumbnail_px=store.thumbnail_px)
+        self.runner = build_runner(plc if plc is not None else PlcConfig(), self.store,
+                                   latch_dir_of(store) if store is not None else None)
         self.runner.ack_poll_s = ack_poll_s
         self.runner.start()
         self._store_stats: dict[str, Any] = {}
         self._next_store_stats = 0.0
+        self._better_pictures: dict[int, Snapshot] = {}  # event id -> its best frame, waiting for room in the writer
+        self.tracking = TrackerConfig(
+            confirm_k=alert.confirm_k, confirm_n=alert.confirm_n, gate_px=alert.track_gate_px,
+            frame_gate_px=alert.track_gate_frame_px, lost_frames=alert.cooldown_frames,
+            recurrence_stop_revolutions=alert.recurrence_stop_revolutions,
+            recurrence_memory_revolutions=alert.recurrence_memory_revolutions,
+            image_threshold=self.image_threshold, classes=self.classes)
 
     def _camera(self, cam: str, epoch: int | None) -> CameraState:
         st = self.cams.get(cam)
         if st is None:
-            st = self.cams[cam] = CameraState(self.cfg.confirm_k, self.cfg.confirm_n)
+            st = self.cams[cam] = CameraState(self.tracking)
         if epoch != st.epoch:  # the capture process restarted: sequence numbers start again
             st.epoch = epoch
-            st.confirm = Confirmation(self.cfg.confirm_k, self.cfg.confirm_n)
-            st.last_event_seq = None
-            st.last_event_id = None
-            st.last_event_rank = -1
+            st.restart()
         return st
+
+    def _position(self, st: CameraState, value: object) -> FramePosition | None:
+        pos, how = parse_position(value)
+        st.position[how] += 1
+        if pos is not None:
+            st.position_source = pos.source
+        elif how == "bad" and st.position["bad"] == 1:
+            self.log.warning("malformed fabric position in a result: tracking in frame coordinates", pos=str(value))
+        return pos
 
     def step(self) -> None:
         self.runner.tick()
-        msg = self.receive(self.inp, 100)
+        msg = self.receive(self.inp, 100, expect=("result",))  # checked by its schema (wire)
         if msg is None:
             return
         self.runner.saw_result()
@@ -201,28 +245,26 @@ class AlertStage(Stage):
                                 min_area_px=self.cfg.min_area_px)
         st = self._camera(cam, msg.header.get("epoch"))
         st.inspected += 1
-        confirmed = st.confirm.update(seq, decision.defect)
+        pos = self._position(st, msg.header.get("pos"))
+        frame = st.tracker.update(seq, decision.regions, width=int(amap.shape[-1]), pos=pos,
+                                  acknowledged=self._acknowledged)
         t_decision = time.monotonic_ns()
         latency_ms = (t_decision - int(msg["t_mono_ns"])) / 1e6
         st.latency_ms.append(latency_ms)
-        event = False
-        severity: Severity | None = None
-        event_id: int | None = None
-        if confirmed and decision.defect:
-            severity = classify(decision.regions, self.image_threshold, self.classes)
-            cooldown = self.cfg.cooldown_frames
-            if st.last_event_seq is None or seq - st.last_event_seq > cooldown:
-                event = True
+        new_events: list[int] = []
+        top: Severity | None = None
+        for d in frame.decisions:
+            part = _part(decision, d.regions)
+            if d.new_event:
                 st.events += 1
-                event_id = self._event(msg.header, msg.arrays, st, decision, severity, pixel_thr, t_decision)
-            elif severity.rank > st.last_event_rank and st.last_event_id is not None:
-                if self._acknowledged(st.last_event_id):  # acknowledged, then it grew: a new event
-                    event = True
-                    st.events += 1
-                    event_id = self._event(msg.header, msg.arrays, st, decision, severity, pixel_thr, t_decision)
-                else:
-                    self._escalate(msg.header, st, decision, severity, t_decision)
-            st.last_event_seq = seq
+                new_events.append(self._event(msg.header, msg.arrays, st, part, d, pixel_thr, t_decision))
+            elif d.escalated or d.recurrence or d.best:
+                self._update_event(msg.header, msg.arrays, st, part, d, pixel_thr, t_decision)
+            if top is None or d.event.severity.rank > top.rank:
+                top = d.event.severity
+        for t in frame.closed:
+            self._track_closed(t)
+        self._flush_pictures()
         if decision.defect:
             st.defect_frames += 1
         self.counters["inspected"] += 1
@@ -231,24 +273,30 @@ class AlertStage(Stage):
             "seq": seq,
             "score": round(float(msg["image_score"]), 5),
             "defect": decision.defect,
-            "confirmed": confirmed,
-            "event": event,
+            "confirmed": any(t.confirmed for t in frame.seen),  # the frame shows a confirmed defect
+            "event": bool(new_events),
             "regions": [r.to_dict() for r in decision.regions[:10]],
+            "tracks": [_track_view(t, frame.decisions) for t in frame.seen[:20]],
             "latency_ms": round(latency_ms, 2),
         }
-        if severity is not None:
-            record["severity"] = severity.name
-            record["action"] = severity.action
-        if event_id is not None:
-            record["event_id"] = event_id
+        if pos is not None:
+            record["pos"] = {"rev": pos.rev, "offset_px": round(pos.offset_px, 2), "source": pos.source}
+        if top is not None:  # the most severe confirmed defect of the frame
+            record["severity"] = top.name
+            record["action"] = top.action
+        if new_events:
+            record["event_id"] = new_events[0]
+            record["event_ids"] = new_events
         if "truth" in msg.header:
             record["truth"] = msg["truth"]
         self._record(record)
 
     # ------------------------------------------------------------------ events
     def _event(self, head: dict[str, Any], arrays: list[np.ndarray], st: CameraState, decision: FrameDecision,
-               severity: Severity, pixel_thr: float, t_decision: int) -> int:
+               d: TrackDecision, pixel_thr: float, t_decision: int) -> int:
+        """A new defect: commit its event, then hand its action on, then queue its pictures; binds the id."""
         cam, seq = head["cam"], int(head["seq"])
+        severity = d.event.severity
         t_capture = int(head["t_mono_ns"])
         t_wall = int(head["t_wall_ns"])
         regions = [r.to_dict() for r in decision.regions[:50]]
@@ -266,17 +314,24 @@ class AlertStage(Stage):
             "n_regions": len(decision.regions),
             "thresholds": {"image": self.image_threshold, "pixel": pixel_thr, "min_area_px": self.cfg.min_area_px,
                            "confirm_k": self.cfg.confirm_k, "confirm_n": self.cfg.confirm_n,
-                           "cooldown_frames": self.cfg.cooldown_frames},
+                           "cooldown_frames": self.cfg.cooldown_frames, "track_gate_px": self.cfg.track_gate_px,
+                           "track_gate_frame_px": self.cfg.track_gate_frame_px,
+                           "recurrence_stop_revolutions": self.cfg.recurrence_stop_revolutions},
             "model": self.model,
             "latency_ms": {"capture_to_decision": round((t_decision - t_capture) / 1e6, 2)},
             "frame_shape": list(arrays[1].shape),
+            "track": _track_record(d.track),
             "actions": [],
         }
+        if d.track.tube is not None:
+            record["recurrence"] = d.event.recurrence()
+        if d.event.previous_event_id is not None:  # back after its acknowledge
+            record["previous_event_id"] = d.event.previous_event_id
         if "truth" in head:
             record["truth"] = head["truth"]
         max_area = max((r.area for r in decision.regions), default=0)
         event_id: int
-        stored = False
+        stored = held = False
         if self.store is not None:
             try:
                 event_id = self.store.add_event(record, camera=cam, t_wall_ns=t_wall, seq=seq, severity=severity.name,
@@ -286,50 +341,108 @@ class AlertStage(Stage):
             except StoreError:
                 self.counters["store_errors"] += 1
                 event_id = self.runner.local_event_id()
+                held = True
         else:
             event_id = self.runner.local_event_id()
         record["event_id"] = event_id
+        d.event.event_id = event_id
+        if held:  # kept in memory, written with its pictures when the store works again
+            snap = Snapshot(event_id, dict(head), arrays[0], arrays[1], decision, severity, pixel_thr)
+            self.runner.hold_event(record, {"camera": cam, "t_wall_ns": t_wall, "seq": seq, "severity": severity.name,
+                                            "action": severity.action, "image_score": float(head["image_score"]),
+                                            "max_area_px": max_area}, on_stored=self._stored_later(d.event, snap))
         if severity.action in ("stop", "alarm"):  # the row is committed: now act
             self.runner.submit(Job("event", severity.action, cam, event_id=event_id, env=event_env(record),
                                    t_capture_mono_ns=t_capture, t_decision_mono_ns=t_decision))
-        st.last_event_id = event_id
-        st.last_event_rank = severity.rank
         self.log.warning("defect event", event_id=event_id, cam=cam, seq=seq, severity=severity.name,
                          action=severity.action, score=record["image_score"], regions=regions[:5],
+                         track=d.track.id, tube_x=record["track"]["tube_x"], revolutions=d.event.revolutions,
                          decision_ms=record["latency_ms"]["capture_to_decision"])
         if stored and self.writer is not None:
             self.writer.submit(Snapshot(event_id, dict(head), arrays[0], arrays[1], decision, severity, pixel_thr))
             self._next_store_stats = 0.0
         return event_id
 
+    def _stored_later(self, event: Any, snap: Snapshot) -> Callable[[int], None]:  # noqa: ANN401
+        """What to do when a held event was written (in the action runner's thread): its id, its pictures."""
+        def stored(new_id: int) -> None:
+            event.event_id = new_id
+            snap.event_id = new_id
+            if self.writer is not None:
+                self.writer.submit(snap)
+        return stored
+
     def _acknowledged(self, event_id: int) -> bool:
         if self.store is None or event_id <= 0:
             return False
         try:
             return self.store.is_acknowledged(event_id)
-        except sqlite3.Error:
+        except (sqlite3.Error, StoreError):
             return False
 
-    def _escalate(self, head: dict[str, Any], st: CameraState, decision: FrameDecision, severity: Severity,
-                  t_decision: int) -> None:
-        assert st.last_event_id is not None
-        st.escalations += 1
-        st.last_event_rank = severity.rank
-        event_id = st.last_event_id
-        self.log.warning("defect event escalated", event_id=event_id, cam=head["cam"], seq=head["seq"],
-                         severity=severity.name, action=severity.action)
-        patch = {"escalated": {"seq": int(head["seq"]), "severity": severity.name, "action": severity.action,
-                               "regions": [r.to_dict() for r in decision.regions[:10]]}}
-        record = {"event_id": event_id, "camera": head["cam"], "time": iso_utc(int(head["t_wall_ns"])),
-                  "t_wall_ns": int(head["t_wall_ns"]), "seq": int(head["seq"]), "severity": severity.name,
-                  "action": severity.action, "image_score": float(head["image_score"]),
-                  "regions": patch["escalated"]["regions"]}
+    def _update_event(self, head: dict[str, Any], arrays: list[np.ndarray], st: CameraState,
+                      decision: FrameDecision, d: TrackDecision, pixel_thr: float, t_decision: int) -> None:
+        """The tracked defect's event changed: escalated, back in a new revolution, or a better picture.
+        One record update (the store), then the action (the runner), then the picture (the writer)."""
+        ev = d.event
+        event_id = ev.event_id
+        if event_id is None:  # never bound (cannot happen: events are bound as they are made)
+            return
+        cam, seq = head["cam"], int(head["seq"])
+        regions = [r.to_dict() for r in decision.regions[:10]]
+        patch: dict[str, Any] = {}
+        columns: dict[str, Any] = {}
+        if d.escalated:
+            st.escalations += 1
+            patch["escalated"] = {"seq": seq, "severity": ev.severity.name, "action": ev.severity.action,
+                                  "regions": regions}
+            columns.update(severity=ev.severity.name, action=ev.severity.action,
+                           action_state="pending" if RANK[ev.severity.action] >= RANK["alarm"] else "none")
+            self.log.warning("defect event escalated", event_id=event_id, cam=cam, seq=seq,
+                             severity=ev.severity.name, action=ev.severity.action, track=d.track.id,
+                             revolutions=ev.revolutions)
+        if d.recurrence:
+            patch["recurrence"] = {**ev.recurrence(), "last_seq": seq}
+            if not d.escalated:
+                self.log.warning("recurring defect seen again", event_id=event_id, cam=cam, seq=seq,
+                                 revolutions=ev.revolutions, streak=ev.streak, track=d.track.id)
+        if d.best:
+            patch["best"] = {"seq": seq, "peak": round(ev.best_peak, 5), "regions": regions}
+            columns["max_area_px"] = ev.max_area
         if self.store is not None and event_id > 0:
-            self.store.update_record(event_id, patch, severity=severity.name, action=severity.action,
-                                     action_state="pending" if RANK[severity.action] >= RANK["alarm"] else "none")
-        if severity.action in ("stop", "alarm"):
-            self.runner.submit(Job("event", severity.action, head["cam"], event_id=event_id, env=event_env(record),
+            patch["track"] = {**_track_record(d.track), "max_area_px": ev.max_area,
+                              "peak": round(ev.best_peak, 5), "best_seq": ev.best_seq, "frames_seen": ev.frames_seen}
+            self.store.update_record(event_id, patch, **columns)
+        if d.escalated and ev.severity.action in ("stop", "alarm"):
+            record = {"event_id": event_id, "camera": cam, "time": iso_utc(int(head["t_wall_ns"])),
+                      "t_wall_ns": int(head["t_wall_ns"]), "seq": seq, "severity": ev.severity.name,
+                      "action": ev.severity.action, "image_score": float(head["image_score"]), "regions": regions}
+            self.runner.submit(Job("event", ev.severity.action, cam, event_id=event_id, env=event_env(record),
                                    t_capture_mono_ns=int(head["t_mono_ns"]), t_decision_mono_ns=t_decision))
+        if d.best and self.writer is not None and event_id > 0:  # the frame with the highest peak
+            self._better_pictures[event_id] = Snapshot(event_id, dict(head), arrays[0], arrays[1], decision,
+                                                       ev.severity, pixel_thr)
+
+    def _flush_pictures(self) -> None:
+        """Hand the waiting better pictures to the writer while it has room (never waits)."""
+        if self.writer is None:
+            self._better_pictures.clear()
+            return
+        for event_id in list(self._better_pictures):
+            if not self.writer.submit(self._better_pictures[event_id], update=True):
+                break
+            del self._better_pictures[event_id]
+            self.writer.counters["pictures_replaced"] += 1
+
+    def _track_closed(self, t: Track) -> None:
+        """A tracked defect left the view (or was lost): its event's final numbers."""
+        ev = t.event
+        if ev is None or ev.event_id is None or ev.event_id <= 0 or self.store is None:
+            return
+        self.store.update_record(ev.event_id, {"track": {**_track_record(t), "max_area_px": ev.max_area,
+                                                         "peak": round(ev.best_peak, 5), "best_seq": ev.best_seq,
+                                                         "frames_seen": ev.frames_seen, "closed": True}},
+                                 max_area_px=ev.max_area)
 
     # ------------------------------------------------------------------ bookkeeping
     def _record(self, record: dict[str, Any]) -> None:
@@ -352,6 +465,8 @@ class AlertStage(Stage):
                 "defect_frames": st.defect_frames,
                 "events": st.events,
                 "escalations": st.escalations,
+                **st.tracker.stats(),
+                "position": {"source": st.position_source or "none", **st.position},
                 "latency_ms": percentiles(list(st.latency_ms)),
             }
             for cam, st in self.cams.items()
@@ -373,6 +488,41 @@ class AlertStage(Stage):
             self.store.close()
         if self.decisions is not None:
             self.decisions.close()
+
+
+def _part(decision: FrameDecision, regions: list[Region]) -> FrameDecision:
+    """The part of a frame's decision that is one tracked defect: its regions and their mask."""
+    mask = None
+    if decision.mask is not None and regions:
+        mask = np.zeros_like(decision.mask)
+        for r in regions:
+            x0, y0, x1, y1 = r.bbox
+            mask[y0:y1, x0:x1] = decision.mask[y0:y1, x0:x1]
+    return FrameDecision(bool(regions), list(regions), mask)
+
+
+def _track_record(t: Track) -> dict[str, Any]:
+    """A track's place for an event's record: tube column and width (None without a position), revolution."""
+    return {"id": t.id, "first_seq": t.first_seq, "last_seq": t.last_seq,
+            "tube_x": round(t.tube[0], 1) if t.tube else None, "tube_width": round(t.tube[1], 1) if t.tube else None,
+            "revolution": t.pass_}
+
+
+def _track_view(t: Track, decisions: list[TrackDecision]) -> dict[str, Any]:
+    """A track seen in a frame, for the decisions log (what the detection benchmark reads)."""
+    view: dict[str, Any] = {"id": t.id, "bbox": list(_union_box(t)), "area": t.area, "peak": round(t.peak, 5),
+                            "confirmed": t.confirmed, "tube_x": round(t.tube[0], 1) if t.tube else None,
+                            "revolution": t.pass_}
+    d = next((d for d in decisions if d.track is t), None)
+    if d is not None:
+        view.update(event_id=d.event.event_id, severity=d.event.severity.name, action=d.event.severity.action,
+                    new_event=d.new_event, escalated=d.escalated, revolutions=d.event.revolutions)
+    return view
+
+
+def _union_box(t: Track) -> tuple[int, int, int, int]:
+    b = [r.bbox for r in t.regions] or [t.box]
+    return min(x[0] for x in b), min(x[1] for x in b), max(x[2] for x in b), max(x[3] for x in b)
 
 
 def run(**kwargs: Any) -> int:  # the stage's keyword arguments (StageSpec.kwargs)

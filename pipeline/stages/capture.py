@@ -6,7 +6,9 @@ Until then the newest frame waits here and an older waiting one is dropped and c
 Without a credit for a second the stage says hello again (the tiler may have restarted). Camera errors ->
 reconnect with exponential back-off (``reconnects``); reads that return nothing or take longer than
 ``stall_s`` count as ``stalls``. Frames are paced at the configured fps for sources that do not pace
-themselves (files, folders, the simulator).
+themselves (files, folders, the simulator). Every frame carries its fabric position ``pos`` (revolution,
+offset on the tube; :mod:`knitwatch.pipeline.position`, per the camera's ``position`` settings; absent
+with ``source = "none"``), reported with its cost per frame under ``position`` in the stats.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import zmq
 
 from knitwatch.config.settings import CameraConfig
 from knitwatch.pipeline import wire
+from knitwatch.pipeline.position import PositionEstimator, make_position
 from knitwatch.pipeline.sources.base import FrameSource, SourceError, make_source
 from knitwatch.pipeline.stages.common import Stage
 
@@ -34,6 +37,7 @@ class CaptureStage(Stage):
         self.cam_id = camera.id
         self.fps = float(camera.fps)
         self.source = source if source is not None else make_source(camera)
+        self.position: PositionEstimator | None = make_position(camera)  # the fabric position ("pos") of each frame
         self.out = self.socket(zmq.DEALER, frames_endpoint, bind=False, hwm=4)
         self.pending: collections.deque[list] = collections.deque()
         self.credit = 0
@@ -67,7 +71,7 @@ class CaptureStage(Stage):
 
     def _flush(self) -> None:
         while self.out.poll(0):  # credits granted by the tiler
-            msg = self.receive(self.out, 0)
+            msg = self.receive(self.out, 0, expect=("credit",))
             if msg is not None and msg.kind == "credit":
                 self.credit = min(1, self.credit + max(0, int(msg["n"])))
         while self.pending and self.credit > 0:
@@ -132,6 +136,8 @@ class CaptureStage(Stage):
         truth = getattr(self.source, "truth", None)
         if truth is not None:
             header["truth"] = truth
+        if self.position is not None:
+            header["pos"] = self._locate(frame, truth)
         self.seq += 1
         self.counters["captured"] += 1
         self.pending.append(wire.encode("frame", header, [frame]))
@@ -140,8 +146,29 @@ class CaptureStage(Stage):
             self.counters["dropped"] += 1
         self._flush()
 
+    def _locate(self, frame: np.ndarray, truth: dict | None) -> dict[str, Any] | None:
+        assert self.position is not None
+        try:
+            return self.position.update(frame, truth)
+        except Exception as e:  # noqa: BLE001 - a position problem must not stop the camera: counted, logged
+            self.counters["position_errors"] += 1
+            if self.counters["position_errors"] == 1:
+                self.log.exception("fabric position failed (logged once; counted in position_errors)", error=str(e))
+            return None
+
+    def stats(self) -> dict[str, Any]:
+        s = super().stats()
+        if self.position is not None:  # source, revolution, circumference, ok/lost frames, ms per frame
+            s["position"] = self.position.stats()
+        bad_files = getattr(self.source, "bad_files", None)  # a folder source's skipped, unreadable images
+        if bad_files is not None:
+            s["bad_files"] = bad_files
+        return s
+
     def on_stop(self) -> None:
         self.source.close()
+        if self.position is not None:
+            self.position.close()
 
 
 def run(**kwargs: Any) -> int:  # the stage's keyword arguments (StageSpec.kwargs)

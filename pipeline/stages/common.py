@@ -1,5 +1,9 @@
 """What every stage process shares: sockets, heartbeats with stats, signals, bad-message counting.
 
+Every message is checked on receipt (:func:`knitwatch.pipeline.wire.decode`: each field's type and
+range by its kind's schema); one that fails is counted in ``bad_messages`` and, by reason, in
+``bad_message_reasons`` of the stage's stats, logged at most once a second, and dropped.
+
 A stage runs a loop of ``step()`` calls; between steps it sends a heartbeat (with its counters) to
 the supervisor's control socket at most every ``heartbeat_s``. SIGTERM asks it to stop: the source
 stage stops at once, the others *drain* (keep working until their input has been idle for
@@ -20,20 +24,26 @@ import numpy as np
 import structlog
 import zmq
 
+from knitwatch.config.settings import InferenceConfig
 from knitwatch.pipeline import wire
+from knitwatch.pipeline.security import LinkGuard
 
 log = structlog.get_logger(__name__)
 
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
-    """Ask Linux to send SIGTERM to this process when its parent dies (no orphans)."""
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Ask Linux to send SIGTERM to this process when its parent dies (no orphans). With
+    ``parent_pid`` (the parent as this process first saw it): exit at once when the parent is already
+    gone, i.e. it died before the request took effect."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the supervisor's shutdown still stops us
         pass
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def percentiles(values: list[float] | np.ndarray, qs: tuple[float, ...] = (50, 99)) -> dict[str, float]:
@@ -61,17 +71,23 @@ class Stage:
         self.drain_max_s = drain_max_s
         self.counters: Counter[str] = Counter()
         self.extra: dict[str, Any] = {}
+        self.bad_reasons: Counter[str] = Counter()  # bad messages by reason (WireError.reason)
+        self._warned: dict[str, float] = {}  # event -> when last logged (warn_sometimes)
         self.stopping = False
         self.stop_requested_at = 0.0
         self.last_input = time.monotonic()
         self._last_beat = 0.0
         self._sockets: list[zmq.Socket] = [self.control]
         self.log = log.bind(stage_name=name)
+        self.links = LinkGuard(self.zctx, counters=self.counters, logger=self.log)  # CURVE on tcp:// endpoints
 
     # -- sockets
-    def socket(self, kind: int, endpoint: str, *, bind: bool, hwm: int = 2, linger_ms: int | None = None) -> zmq.Socket:
+    def socket(self, kind: int, endpoint: str, *, bind: bool, hwm: int = 2, linger_ms: int | None = None,
+               inference: InferenceConfig | None = None) -> zmq.Socket:
         """``linger_ms``: how long closing waits for unsent messages (default 0 for PULL, else 2000 ms);
-        0 for sockets that only send credits upstream - their peer has stopped before this stage."""
+        0 for sockets that only send credits upstream - their peer has stopped before this stage.
+        A ``tcp://`` endpoint is secured with CURVE by ``inference``'s keys (:mod:`knitwatch.pipeline.security`;
+        without keys, refused unless ``allow_insecure_tcp``)."""
         s = self.zctx.socket(kind)
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.RCVHWM, hwm)
@@ -80,6 +96,11 @@ class Stage:
         if linger_ms is None:
             linger_ms = 0 if kind == zmq.PULL else 2000
         s.setsockopt(zmq.LINGER, linger_ms)
+        try:
+            self.links.apply(s, endpoint, inference, bind=bind)
+        except Exception:
+            s.close(0)
+            raise
         if bind:
             if endpoint.startswith("ipc://"):
                 path = endpoint[len("ipc://") :]
@@ -91,22 +112,47 @@ class Stage:
         self._sockets.append(s)
         return s
 
-    def receive(self, sock: zmq.Socket, timeout_ms: float) -> wire.Message | None:
-        """One message or None (timeout); malformed messages are counted, logged and dropped."""
+    def receive(self, sock: zmq.Socket, timeout_ms: float, expect: tuple[str, ...] = ()) -> wire.Message | None:
+        """One message or None (timeout); malformed messages, and with ``expect`` messages of other
+        kinds, are counted, logged and dropped."""
         if not sock.poll(max(0, int(timeout_ms))):
             return None
-        return self._checked(lambda: wire.recv(sock))
+        return self._checked(lambda: self._expect(wire.recv(sock), expect))
 
-    def receive_routed(self, sock: zmq.Socket) -> tuple[bytes, wire.Message] | None:
+    def receive_routed(self, sock: zmq.Socket, expect: tuple[str, ...] = ()) -> tuple[bytes, wire.Message] | None:
         """One message waiting on a ROUTER socket, with its sender; None if malformed (counted)."""
-        return self._checked(lambda: wire.recv_routed(sock, zmq.NOBLOCK))
+        def get() -> tuple[bytes, wire.Message]:
+            peer, msg = wire.recv_routed(sock, zmq.NOBLOCK)
+            return peer, self._expect(msg, expect)
+
+        return self._checked(get)
+
+    @staticmethod
+    def _expect(msg: wire.Message, kinds: tuple[str, ...]) -> wire.Message:
+        if kinds and msg.kind not in kinds:
+            raise wire.WireError(f"a {msg.kind} message where {' or '.join(kinds)} belongs", f"unexpected.{msg.kind}")
+        return msg
+
+    def bad_message(self, reason: str, detail: str) -> None:
+        """Count a message that cannot be used (by reason) and log it - at most once a second, with the
+        count, so a flood of garbage cannot flood the log too."""
+        self.counters["bad_messages"] += 1
+        self.bad_reasons[reason] += 1
+        self.warn_sometimes("dropped malformed message", reason=reason, detail=detail[:300],
+                            count=self.counters["bad_messages"])
+
+    def warn_sometimes(self, event: str, **fields: Any) -> None:  # noqa: ANN401
+        """Log a warning about input at most once a second per ``event`` (what is counted anyway)."""
+        now = time.monotonic()
+        if now - self._warned.get(event, -1e9) >= 1.0:
+            self._warned[event] = now
+            self.log.warning(event, **fields)
 
     def _checked(self, fn: Any) -> Any:  # noqa: ANN401
         try:
             out = fn()
         except wire.WireError as e:
-            self.counters["bad_messages"] += 1
-            self.log.warning("dropped malformed message", reason=str(e), count=self.counters["bad_messages"])
+            self.bad_message(e.reason, str(e))
             return None
         self.last_input = time.monotonic()
         return out
@@ -125,9 +171,13 @@ class Stage:
 
     # -- heartbeat
     def stats(self) -> dict[str, Any]:
-        return {**self.counters, **self.extra}
+        out: dict[str, Any] = {**self.counters, **self.extra}
+        if self.bad_reasons:
+            out["bad_message_reasons"] = dict(self.bad_reasons)
+        return out
 
     def heartbeat(self, force: bool = False) -> None:
+        self.links.poll()  # worker link handshakes: counted, logged, a refused one retried
         now = time.monotonic()
         if not force and now - self._last_beat < self.heartbeat_s:
             return
@@ -173,6 +223,7 @@ class Stage:
             self.heartbeat(force=True)
             for s in self._sockets:
                 s.close()
+            self.links.close()
             self.zctx.term()
         self.log.info("stage stopped", **{k: v for k, v in self.counters.items()})
         return 0

@@ -1,8 +1,11 @@
 """Inference stage: the batching worker (GPU when there is one, else CPU).
 
-Collects whole frames' tiles into a batch until ``max_batch_tiles`` or ``max_wait_ms`` after the
-first queued frame (DeepStream's rule), runs one forward pass, stitches each frame's maps back
-into frame coordinates and sends one result per frame. Several workers may take tiles from the same
+Collects whole frames' tiles until ``max_batch_tiles`` or ``max_wait_ms`` after the first queued
+frame (DeepStream's rule), runs them through the model in forward passes of at most
+``max_batch_tiles`` tiles - a large frame (a 2048x4096 frame cut into 2016 tiles) is split over
+several passes, with a heartbeat between them, so the worker neither runs out of memory nor goes
+silent long enough to be taken for stalled - stitches each frame's maps back into frame
+coordinates and sends one result per frame. Several workers may take tiles from the same
 tiler (this host over ``ipc://`` or others over ``tcp://``); results all go to the one alert stage.
 
 The worker tells the tiler how many tiles it can take (``credit``: room for one batch beyond what it
@@ -35,8 +38,9 @@ class InferStage(Stage):
     def __init__(self, name: str, control_endpoint: str, *, tiles_endpoint: str, results_endpoint: str,
                  checkpoint: str, inference: InferenceConfig, detector: Detector | None = None) -> None:
         super().__init__(name, control_endpoint)
-        self.inp = self.socket(zmq.DEALER, tiles_endpoint, bind=False, hwm=8, linger_ms=0)  # credits only
-        self.out = self.socket(zmq.PUSH, results_endpoint, bind=False, hwm=4)
+        self.inp = self.socket(zmq.DEALER, tiles_endpoint, bind=False, hwm=8, linger_ms=0,  # credits only
+                               inference=inference)
+        self.out = self.socket(zmq.PUSH, results_endpoint, bind=False, hwm=4, inference=inference)
         self.max_tiles = inference.max_batch_tiles
         self.max_wait_s = inference.max_wait_ms / 1000.0
         self.model_ms: collections.deque[float] = collections.deque(maxlen=500)
@@ -46,6 +50,8 @@ class InferStage(Stage):
         self.det = (detector if detector is not None
                     else load_detector(checkpoint, inference.device, inference.backend))
         self.det.warm_up()
+        self.tile = int(self.det.preprocess["tile"])
+        self.grayscale = bool(self.det.preprocess.get("grayscale", True))
         self.extra.update(ready=True, device=self.det.device, model=self.det.kind)
         self.pending: list[wire.Message] = []
         self.first_at = 0.0
@@ -71,15 +77,13 @@ class InferStage(Stage):
             wait_ms = (self.first_at + self.max_wait_s - time.monotonic()) * 1000.0
         else:
             wait_ms = 100.0
-        msg = self.receive(self.inp, wait_ms) if wait_ms > 0 else None
+        msg = self.receive(self.inp, wait_ms, expect=("tiles",)) if wait_ms > 0 else None
         if msg is not None:
-            try:
-                TileGrid.from_dict(msg["grid"])
-                if msg.arrays[0].shape[0] != len(msg["grid"]["coords"]):
-                    raise ValueError("tile count differs from the grid")
-            except (KeyError, TypeError, ValueError) as e:
-                self.counters["bad_messages"] += 1
-                self.log.warning("dropped malformed tiles message", reason=str(e))
+            tiles = msg.arrays[0]
+            want = (self.tile, self.tile) if self.grayscale else (self.tile, self.tile, 3)
+            if tiles.shape[1:] != want:  # well-formed, but not what this model takes
+                self.received_tiles += len(tiles)  # the tiler counted them as sent: they are not in flight
+                self.bad_message("tiles.model", f"tiles of shape {tiles.shape[1:]}, the model takes {want}")
                 msg = None
         if msg is not None:
             if not self.pending:
@@ -96,33 +100,63 @@ class InferStage(Stage):
         self._credit()
 
     def _run_batch(self) -> None:
+        """Run the pending frames' tiles in passes of at most ``max_batch_tiles`` (a frame may span
+        several passes; a heartbeat goes out between them) and send each frame's result as soon as
+        its last tile is done."""
         msgs, self.pending = self.pending, []
-        tiles = np.concatenate([m.arrays[0] for m in msgs]) if len(msgs) > 1 else msgs[0].arrays[0]
-        t0 = time.perf_counter()
-        maps, scores = self.det.predict(tiles)
-        model_ms = (time.perf_counter() - t0) * 1000.0
-        self.model_ms.append(model_ms)
-        n = len(tiles)
-        self.batch_hist[next(b for b in _BATCH_BINS if n <= b)] += 1
-        self.counters["batches"] += 1
-        self.counters["tiles"] += n
-        start = 0
-        for m in msgs:
-            grid = TileGrid.from_dict(m["grid"])
-            k = len(grid)
-            frame_map = stitch(maps[start : start + k], grid)
-            header = {k2: v for k2, v in m.header.items() if k2 not in ("v", "kind", "bufs", "grid")}
-            header.update(
-                image_score=frame_score(scores[start : start + k], grid.valid),
-                tile_scores=[float(s) for s in scores[start : start + k]],
-                t_infer_ns=time.monotonic_ns(),
-                model_ms=model_ms,
-                batch_tiles=n,
-                worker=self.name,
-            )
-            start += k
-            if self.send_blocking(self.out, "result", header, [frame_map.astype(np.float32), m.arrays[1]]):
-                self.counters["frames"] += 1
+        queue = [(m, 0) for m in msgs]  # (frame, tiles of it already in a pass)
+        done: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {id(m): [] for m in msgs}
+        frame_ms: dict[int, float] = {id(m): 0.0 for m in msgs}
+        frame_batch: dict[int, int] = {id(m): 0 for m in msgs}
+        while queue:
+            parts: list[tuple[wire.Message, int, int]] = []  # (frame, first tile, end) of this pass
+            room = self.max_tiles
+            while queue and room > 0:
+                m, start = queue.pop(0)
+                n = m.arrays[0].shape[0]
+                end = min(n, start + room)
+                parts.append((m, start, end))
+                room -= end - start
+                if end < n:
+                    queue.insert(0, (m, end))
+            tiles = (parts[0][0].arrays[0][parts[0][1]:parts[0][2]] if len(parts) == 1
+                     else np.concatenate([m.arrays[0][a:b] for m, a, b in parts]))
+            t0 = time.perf_counter()
+            maps, scores = self.det.predict(tiles)
+            model_ms = (time.perf_counter() - t0) * 1000.0
+            self.model_ms.append(model_ms)
+            n = len(tiles)
+            self.batch_hist[next(b for b in _BATCH_BINS if n <= b)] += 1
+            self.counters["batches"] += 1
+            self.counters["tiles"] += n
+            at = 0
+            for m, a, b in parts:
+                done[id(m)].append((maps[at : at + b - a], scores[at : at + b - a]))
+                frame_ms[id(m)] += model_ms
+                frame_batch[id(m)] = max(frame_batch[id(m)], n)
+                at += b - a
+                if b == m.arrays[0].shape[0]:  # the frame's last tile: stitch and send it
+                    pieces = done.pop(id(m))
+                    self._send_result(m, pieces, frame_ms[id(m)], frame_batch[id(m)])
+            self.heartbeat()
+
+    def _send_result(self, m: wire.Message, pieces: list[tuple[np.ndarray, np.ndarray]], model_ms: float,
+                     batch_tiles: int) -> None:
+        grid = TileGrid.from_dict(m["grid"])
+        maps = pieces[0][0] if len(pieces) == 1 else np.concatenate([p[0] for p in pieces])
+        scores = pieces[0][1] if len(pieces) == 1 else np.concatenate([p[1] for p in pieces])
+        frame_map = stitch(maps, grid)
+        header = {k: v for k, v in m.header.items() if k not in ("v", "kind", "bufs", "grid")}
+        header.update(
+            image_score=frame_score(scores, grid.valid),
+            tile_scores=[float(s) for s in scores],
+            t_infer_ns=time.monotonic_ns(),
+            model_ms=model_ms,
+            batch_tiles=batch_tiles,
+            worker=self.name,
+        )
+        if self.send_blocking(self.out, "result", header, [frame_map.astype(np.float32), m.arrays[1]]):
+            self.counters["frames"] += 1
 
     def stats(self) -> dict:
         s = super().stats()

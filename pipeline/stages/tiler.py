@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from knitwatch.config.settings import CameraConfig, TilingConfig
+from knitwatch.config.settings import CameraConfig, InferenceConfig, TilingConfig
 from knitwatch.pipeline import wire
 from knitwatch.pipeline.preprocess import PreprocessConfig, Preprocessor
 from knitwatch.pipeline.stages.common import Stage
@@ -46,10 +46,12 @@ def camera_preprocessors(preprocess: dict, cameras: list[CameraConfig],
 
 class TilerStage(Stage):
     def __init__(self, name: str, control_endpoint: str, *, frames_endpoint: str, tiles_endpoint: str,
-                 preprocess: dict, cameras: list[CameraConfig], tiling: TilingConfig) -> None:
+                 preprocess: dict, cameras: list[CameraConfig], tiling: TilingConfig,
+                 inference: InferenceConfig | None = None) -> None:
+        """``inference``: the keys securing a tcp:// tiles endpoint."""
         super().__init__(name, control_endpoint)
         self.inp = self.socket(zmq.ROUTER, frames_endpoint, bind=True, hwm=8, linger_ms=0)  # credits only
-        self.out = self.socket(zmq.ROUTER, tiles_endpoint, bind=True, hwm=8)
+        self.out = self.socket(zmq.ROUTER, tiles_endpoint, bind=True, hwm=8, inference=inference)
         self.pre = camera_preprocessors(preprocess, cameras, tiling)
         self.poller = zmq.Poller()
         self.poller.register(self.inp, zmq.POLLIN)
@@ -70,14 +72,14 @@ class TilerStage(Stage):
         events = dict(self.poller.poll(100))
         if self.out in events:
             while self.out.poll(0):
-                got = self.receive_routed(self.out)
-                if got is not None and got[1].kind == "credit":
+                got = self.receive_routed(self.out, expect=("credit",))
+                if got is not None:
                     worker, msg = got  # its room, less the tiles on their way to it
                     in_flight = self.sent_tiles[worker] - int(msg.header.get("received", self.sent_tiles[worker]))
                     self.room[worker] = int(msg["n"]) - max(0, in_flight)
         if self.inp in events:
             while self.inp.poll(0):
-                got = self.receive_routed(self.inp)
+                got = self.receive_routed(self.inp, expect=("credit", "frame"))
                 if got is not None:
                     self._on_capture(*got)
         self._dispatch()
@@ -87,23 +89,25 @@ class TilerStage(Stage):
             if not any(w[0] == peer for w in self.waiting):  # ... unless its last frame still waits here
                 self._grant(peer)
             return
-        if msg.kind != "frame":
-            self.counters["bad_messages"] += 1
+        if self.granted.pop(peer, None) is None:  # a frame is sent only against a credit granted here
+            self.counters["unrequested_frames"] += 1
+            self.warn_sometimes("frame sent without a credit dropped", count=self.counters["unrequested_frames"])
             return
-        self.granted.pop(peer, None)
         cam = msg["cam"]
         pre = self.pre.get(cam)
         if pre is None:
             self.counters["unknown_camera"] += 1
-            self.log.warning("frame from an unknown camera dropped", camera=cam)
+            self.warn_sometimes("frame from an unknown camera dropped", camera=cam,
+                                count=self.counters["unknown_camera"])
             self._grant(peer)
             return
         frame = msg.arrays[0]
         try:
             tiles, grid = pre(frame)
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 - no frame may stop the tiler: counted and dropped
             self.counters["bad_frames"] += 1
-            self.log.warning("frame cannot be tiled", camera=cam, seq=msg["seq"], error=str(e))
+            self.warn_sometimes("frame cannot be tiled", camera=cam, seq=msg["seq"], error=str(e)[:300],
+                                count=self.counters["bad_frames"])
             self._grant(peer)
             return
         header = {k: v for k, v in msg.header.items() if k not in ("v", "kind", "bufs")}

@@ -67,6 +67,7 @@ _TMP_RE = re.compile(r"^\..+\.tmp$")
 _DIR_RE = re.compile(r"^\d{4}-\d{2}-\d{2}/\d{8,}$")
 LATCHING_ACTIONS = ("stop", "alarm")
 MAX_PAGE = 500
+REOPEN_EVERY_S = 2.0  # an unusable index is opened again at most this often
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -145,6 +146,24 @@ def _rowid(cur: sqlite3.Cursor) -> int:
     return cur.lastrowid
 
 
+def _no_paths(text: str, root: Path) -> str:
+    """``text`` without the store's absolute path (reasons are shown by ``/healthz``)."""
+    return text.replace(f"{root}/", "").replace(str(root), "the store folder")
+
+
+def _event_folders(events_dir: Path) -> list[tuple[str, int]]:
+    """``(day/id, id)`` of the event folders under ``events_dir`` (names of 8+ digits)."""
+    out = []
+    with contextlib.suppress(OSError):
+        for day in events_dir.iterdir():
+            if not day.is_dir():
+                continue
+            with contextlib.suppress(OSError):
+                out += [(f"{day.name}/{f.name}", int(f.name)) for f in day.iterdir()
+                        if _DIR_RE.match(f"{day.name}/{f.name}")]
+    return out
+
+
 def encode_image(kind: str, img: np.ndarray) -> bytes:
     ext, params = _ENCODE[kind]
     ok, buf = cv2.imencode(ext, img, params)
@@ -154,64 +173,201 @@ def encode_image(kind: str, img: np.ndarray) -> bytes:
 
 
 class Store:
-    """One store root. Thread-safe (one connection behind a lock); several processes may share it."""
+    """One store root. Thread-safe (one connection behind a lock); several processes may share it.
+
+    Every query first checks that the index file is still the one opened (a removed or replaced file
+    would otherwise take writes silently); when it is not, or when the index could not be opened,
+    the store is *unusable*: calls raise :class:`StoreError` and the index is opened again at most
+    every :data:`REOPEN_EVERY_S` seconds. :attr:`problem` says why the store is degraded ("" when it
+    works), without absolute paths (it is shown by ``/healthz``)."""
 
     def __init__(self, root: Path | str, *, retention_days: float, max_gb: float, fsync: bool, create: bool = True,
-                 busy_timeout_s: float = 5.0) -> None:
+                 busy_timeout_s: float = 5.0, degraded_ok: bool = False) -> None:
+        """``degraded_ok``: an index that cannot be opened (corrupt, read-only, no space, no folder) does
+        not raise: the store starts unusable (:attr:`problem` says why) and is opened again later."""
         self.root = Path(root)
-        if not self.root.is_dir():
-            if not create:
-                raise StoreError(f"no store at {self.root} (check [store] path)")
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise StoreError(f"cannot create the store folder {self.root}: {e}") from e
+        self.create = create
+        self.busy_timeout_s = busy_timeout_s
         self.events_dir = self.root / EVENTS_DIR
+        self.db_path = self.root / DB_NAME
         self.retention_s = float(retention_days) * 86400.0
         self.max_bytes = int(float(max_gb) * 1e9)
         self.fsync = fsync
         self.errors: Counter[str] = Counter()
         self.last_error = ""
+        self.problem = ""
         self._lock = threading.RLock()
+        self._db: sqlite3.Connection | None = None
+        self._ident: tuple[int, int] | None = None
+        self._next_reopen = 0.0
+        self._closed = False
+        try:
+            self._open()
+        except StoreError as e:
+            if not degraded_ok:
+                raise
+            self._unusable(f"{e}", kind="open")
+
+    @classmethod
+    def from_config(cls, config: StoreConfig, *, create: bool = True, degraded_ok: bool = False) -> Store:
+        """The store of a ``[store]`` section: its path, retention and fsync settings."""
+        return cls(config.path, retention_days=config.retention_days, max_gb=config.max_gb, fsync=config.fsync,
+                   create=create, degraded_ok=degraded_ok)
+
+    # ------------------------------------------------------------------ plumbing
+    def _open(self) -> None:
+        """Open (create) the index; StoreError when it cannot be used for reading and writing."""
+        if not self.root.is_dir():
+            if not self.create:
+                raise StoreError(f"no store at {self.root} (check [store] path)")
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create the store folder {self.root}: {e}") from e
+        db: sqlite3.Connection | None = None
         try:
             self.events_dir.mkdir(exist_ok=True)
-            self._db = sqlite3.connect(self.root / DB_NAME, timeout=busy_timeout_s, isolation_level=None,
-                                       check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
+            db = sqlite3.connect(self.db_path, timeout=self.busy_timeout_s, isolation_level=None,
+                                 check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            fresh = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
+                               ).fetchone() is None
+            db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit survives a crash of the process (not always a power cut) and never
             # waits for the disk to flush image files - the event row is committed before the stop is sent
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            with self._tx() as db:
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("BEGIN IMMEDIATE")
+            try:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         db.execute(stmt)
                 db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                if fresh:
+                    self._adopt_folders(db, set())
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            st = os.stat(self.db_path)
         except (sqlite3.Error, OSError) as e:
-            raise StoreError(f"cannot open the store index {self.root / DB_NAME}: {e}") from e
+            if db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    db.close()
+            raise StoreError(f"cannot open the store index {self.db_path}: {e}") from e
+        self._db, self._ident = db, (st.st_dev, st.st_ino)
+        if self.problem:
+            log.warning("store usable again", previous_problem=self.problem)
+        self.problem = ""
 
-    @classmethod
-    def from_config(cls, config: StoreConfig, *, create: bool = True) -> Store:
-        """The store of a ``[store]`` section: its path, retention and fsync settings."""
-        return cls(config.path, retention_days=config.retention_days, max_gb=config.max_gb, fsync=config.fsync,
-                   create=create)
+    def _adopt_folders(self, db: sqlite3.Connection, known: set[str]) -> int:
+        """Picture folders the index does not know with ids beyond its sequence were made by an index
+        that was lost (removed, corrupt, restored from an older copy): new ids start above them and they
+        are never deleted as orphans (meta ``kept_ranges``: id ranges ``[lo, hi]`` this index did not give).
+        Returns how many such folders there are."""
+        seq_row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        seq = int(seq_row[0]) if seq_row else 0
+        foreign = [fid for rel, fid in _event_folders(self.events_dir) if rel not in known and fid > seq]
+        if not foreign:
+            return 0
+        top = max(foreign)
+        ranges = [*self._kept_ranges(db), [seq + 1, top]]
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('kept_ranges', ?)", (json.dumps(ranges),))
+        if seq_row:
+            db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'events'", (top,))
+        else:
+            db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?)", (top,))
+        log.warning("the index does not know some event folders (it was lost or replaced): they are kept, new "
+                    "events get ids above them", folders=len(foreign), highest_id=top)
+        return len(foreign)
 
-    # ------------------------------------------------------------------ plumbing
+    @staticmethod
+    def _kept_ranges(db: sqlite3.Connection) -> list[list[int]]:
+        row = db.execute("SELECT value FROM meta WHERE key = 'kept_ranges'").fetchone()
+        try:
+            return [[int(a), int(b)] for a, b in json.loads(row[0])] if row else []
+        except (ValueError, TypeError):
+            return [[0, 2**62]]  # unreadable: keep every folder without a row
+
+    def _unusable(self, reason: str, *, kind: str) -> None:
+        with self._lock:
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
+            self._db = None
+            self._next_reopen = time.monotonic() + REOPEN_EVERY_S
+        self._fail(kind, "the store index is unusable: events are kept in memory and written when it is back",
+                   error=_no_paths(reason, self.root))
+        self.problem = f"store index unusable: {_no_paths(reason, self.root)}"
+
+    def _conn(self) -> sqlite3.Connection:
+        """The open index, checked to be the file opened; opened again when it is time. Call with the lock."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        if self._db is not None:
+            try:
+                st = os.stat(self.db_path)
+                same = (st.st_dev, st.st_ino) == self._ident
+            except OSError:
+                same = False
+            if same:
+                return self._db
+            self._unusable(f"{DB_NAME} was removed or replaced while in use", kind="index_lost")
+            self._next_reopen = 0.0  # open the new one (or create it) at once
+        if time.monotonic() < self._next_reopen:
+            raise StoreError(self.problem or "the store index is unusable")
+        try:
+            self._open()
+        except StoreError as e:
+            self._next_reopen = time.monotonic() + REOPEN_EVERY_S
+            self.problem = f"store index unusable: {_no_paths(str(e), self.root)}"
+            raise
+        assert self._db is not None
+        return self._db
+
+    @property
+    def usable(self) -> bool:
+        """The index is open (queries can run; writes may still fail, e.g. on a full disk)."""
+        return self._db is not None
+
+    def check(self) -> bool:
+        """Is the store usable and writable now? Opens the index again when it is unusable, and probes a
+        write while a write problem is reported (a disk that was full may have room again)."""
+        with self._lock:
+            try:
+                self._conn()
+                if self.problem:
+                    with self._tx() as db:
+                        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)",
+                                   (str(time.time_ns()),))
+                    self._ok()
+            except (StoreError, sqlite3.Error) as e:
+                if not self.problem:
+                    self.problem = f"store index not writable: {_no_paths(str(e), self.root)}"
+                return False
+        return True
+
+    def _ok(self) -> None:
+        if self.problem:
+            log.warning("store usable again", previous_problem=self.problem)
+            self.problem = ""
+
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any error."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                yield db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            db.execute("COMMIT")
 
     def _query(self, sql: str, args: tuple | list = ()) -> list[sqlite3.Row]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            return self._conn().execute(sql, args).fetchall()
 
     def _fail(self, kind: str, msg: str, **kw: Any) -> None:
         self.errors[kind] += 1
@@ -219,10 +375,16 @@ class Store:
         self.last_error = f"{msg}: {detail}" if detail else msg
         log.error(msg, error_kind=kind, errors=self.errors[kind], **kw)
 
+    def _write_failed(self, what: str, e: BaseException) -> None:
+        self.problem = f"{what}: {_no_paths(str(e), self.root)}"
+
     def close(self) -> None:
         with self._lock:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.close()
+            self._closed = True
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
+                self._db = None
 
     def _dir_of(self, row_dir: str) -> Path:
         if not _DIR_RE.match(row_dir):
@@ -271,16 +433,24 @@ class Store:
                 record["event_dir"] = str(self.events_dir / day / f"{eid:08d}")
                 db.execute("UPDATE events SET dir = ?, record = ? WHERE id = ?",
                            (f"{day}/{eid:08d}", json.dumps(record), eid))
-        except sqlite3.Error as e:
+        except (sqlite3.Error, StoreError) as e:
             self._fail("index", "cannot write the event to the store index", error=str(e), camera=camera)
+            if isinstance(e, sqlite3.Error):
+                self._write_failed("cannot write to the store index", e)
             raise StoreError(str(e)) from e
+        self._ok()
         return eid
 
     def write_files(self, event_id: int, images: Mapping[str, np.ndarray]) -> bool:
         """Write the event's images (kinds of :data:`FILE_KINDS`) and its ``event.json``, each atomically;
         then the row turns ``complete``. On a file system error (disk full ...) the error is counted and
         logged, the row is flagged ``files_missing``, and False is returned: inspection goes on."""
-        rows = self._query("SELECT dir FROM events WHERE id = ?", (event_id,))
+        try:
+            rows = self._query("SELECT dir FROM events WHERE id = ?", (event_id,))
+        except (StoreError, sqlite3.Error) as e:
+            self._fail("write", "cannot write the event's files: the index is unusable", event_id=event_id,
+                       error=str(e))
+            return False
         if not rows:
             return False
         folder = self._dir_of(rows[0]["dir"])
@@ -304,11 +474,15 @@ class Store:
                 state = "files_missing" if missing else "complete"
                 with self._tx() as db:
                     db.execute("UPDATE events SET state = ?, bytes = ? WHERE id = ?", (state, total, event_id))
+            if not missing:
+                self._ok()
             return not missing
-        except (OSError, sqlite3.Error, ValueError) as e:
+        except (OSError, sqlite3.Error, ValueError, StoreError) as e:
             self._fail("write", "cannot write the event's files (disk full?); inspection goes on",
                         event_id=event_id, error=f"{type(e).__name__}: {e}")
-            with contextlib.suppress(sqlite3.Error):
+            if isinstance(e, OSError | sqlite3.Error):
+                self._write_failed("cannot write event pictures", e)
+            with contextlib.suppress(sqlite3.Error, StoreError):
                 with self._tx() as db:
                     db.execute("UPDATE events SET state = 'files_missing', bytes = ? WHERE id = ?",
                                (self._folder_bytes(folder), event_id))
@@ -317,7 +491,7 @@ class Store:
     def mark_files_missing(self, event_id: int, reason: str) -> None:
         """The event's pictures could not be made: flag the row (counted, logged)."""
         self._fail("snapshot", "event pictures could not be made", event_id=event_id, reason=reason)
-        with contextlib.suppress(sqlite3.Error):
+        with contextlib.suppress(sqlite3.Error, StoreError):
             with self._tx() as db:
                 db.execute("UPDATE events SET state = 'files_missing' WHERE id = ?", (event_id,))
 
@@ -332,8 +506,9 @@ class Store:
     def update_record(self, event_id: int, patch: Mapping[str, Any] | None = None, *,
                       append_action: dict[str, Any] | None = None, **columns: Any) -> bool:
         """Merge ``patch`` into the event's record, append an action result to ``record["actions"]``,
-        set index columns (severity, action, action_state); rewrite ``event.json`` if it exists."""
-        allowed = {"severity", "action", "action_state"}
+        set index columns (severity, action, action_state, max_area_px: a tracked defect grew); rewrite
+        ``event.json`` if it exists."""
+        allowed = {"severity", "action", "action_state", "max_area_px"}
         if set(columns) - allowed:
             raise ValueError(f"cannot set {sorted(set(columns) - allowed)}")
         try:
@@ -343,7 +518,7 @@ class Store:
                     return False
                 record = json.loads(rows[0]["record"])
                 record.update(patch or {})
-                record.update({k: v for k, v in columns.items() if k != "action_state"})
+                record.update({k: v for k, v in columns.items() if k not in ("action_state", "max_area_px")})
                 if append_action is not None:
                     record.setdefault("actions", []).append(append_action)
                 text = json.dumps(record)
@@ -354,17 +529,25 @@ class Store:
                 if rows[0]["state"] == "complete":
                     self._write_atomic(self._dir_of(rows[0]["dir"]) / RECORD_FILE, text.encode())
             return True
-        except (OSError, sqlite3.Error) as e:
+        except (OSError, sqlite3.Error, StoreError) as e:
             self._fail("update", "cannot update the event record", event_id=event_id, error=str(e))
             return False
 
     # ------------------------------------------------------------------ start-up repair
     def recover(self) -> dict[str, int]:
-        """Delete temporary leftovers and folders without a row; flag rows whose files are missing."""
+        """Delete temporary leftovers and the folders of rows this index deleted (a crash between the
+        row's and the folder's deletion); flag rows whose files are missing. Folders the index never
+        knew (it was lost, corrupt or replaced: their ids lie beyond its sequence) are kept, never
+        deleted as orphans. StoreError when the index is unusable (nothing is touched then)."""
         report = Counter[str]()
         with self._lock:
             rows = self._query("SELECT id, dir, state FROM events")
             known = {r["dir"] for r in rows}
+            with self._tx() as db:
+                self._adopt_folders(db, known)
+                seq_row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+                kept = self._kept_ranges(db)
+            seq = int(seq_row[0]) if seq_row else 0
             for day in sorted(self.events_dir.iterdir()) if self.events_dir.is_dir() else []:
                 if _TMP_RE.match(day.name) and day.is_file():
                     day.unlink(missing_ok=True)
@@ -375,6 +558,10 @@ class Store:
                 for folder in sorted(day.iterdir()):
                     rel = f"{day.name}/{folder.name}"
                     if rel not in known:
+                        fid = int(folder.name) if _DIR_RE.match(rel) else None
+                        if fid is None or fid > seq or any(a <= fid <= b for a, b in kept):  # not this index's
+                            report["unindexed_folders_kept"] += 1
+                            continue
                         if folder.is_dir():
                             shutil.rmtree(folder, ignore_errors=True)
                         else:
@@ -430,7 +617,7 @@ class Store:
                 if total > self.max_bytes:
                     log.warning("store is over its size limit, but the rest is kept or unacknowledged",
                                 total_bytes=total, max_bytes=self.max_bytes)
-        except (sqlite3.Error, OSError) as e:
+        except (sqlite3.Error, OSError, StoreError) as e:
             self._fail("retention", "retention failed", error=str(e))
         if deleted:
             log.info("retention deleted old events", deleted=deleted, freed_bytes=freed)
@@ -539,6 +726,70 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"cannot record the acknowledge: {e}") from e
 
+    def record_ack(self, *, by: str, camera: str | None, note: str, requested_ns: int, event_ids: list[int],
+                   result: dict[str, Any] | None = None) -> int:
+        """Record an acknowledge that was applied without the index (the latch file's mailbox, while the
+        index was unusable): its row (handled now, ``result`` when its reset was confirmed) and the events
+        it released that the index holds, marked acknowledged (``events_acked``: how many). Returns its
+        id; StoreError when the index cannot take it."""
+        ids = sorted({int(i) for i in event_ids if int(i) > 0})
+        now = time.time_ns()
+        try:
+            with self._tx() as db:
+                cur = db.execute(
+                    "INSERT INTO acks (requested_ns, ack_by, camera, note, max_event_id, handled_ns, handled_pid, "
+                    "events_acked, cleared_ns, result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (int(requested_ns), (by or "").strip()[:200] or "unknown", camera, (note or "")[:2000],
+                     max(ids, default=0), now, os.getpid(), len(ids), now if result is not None else None,
+                     json.dumps(result) if result is not None else None))
+                ack_id = _rowid(cur)
+                n = self._mark_acked(db, ids, ack_id, now)
+                db.execute("UPDATE acks SET events_acked = ? WHERE id = ?", (n, ack_id))
+        except sqlite3.Error as e:
+            self._write_failed("cannot write to the store index", e)
+            raise StoreError(f"cannot record the acknowledge: {e}") from e
+        return ack_id
+
+    def mark_acked(self, event_ids: list[int], ack_id: int | None) -> None:
+        """Mark events acknowledged by ``ack_id`` (events written after their acknowledge: they were
+        kept in memory while the index was unusable). StoreError when the index cannot take it."""
+        try:
+            with self._tx() as db:
+                self._mark_acked(db, [int(i) for i in event_ids if int(i) > 0], ack_id, time.time_ns())
+        except sqlite3.Error as e:
+            self._write_failed("cannot write to the store index", e)
+            raise StoreError(f"cannot mark events acknowledged: {e}") from e
+
+    @staticmethod
+    def _mark_acked(db: sqlite3.Connection, ids: list[int], ack_id: int | None, now: int) -> int:
+        n = 0
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            n += db.execute(f"UPDATE events SET acked_ns = ?, ack_id = ? WHERE acked_ns IS NULL AND id IN "
+                            f"({', '.join('?' * len(part))})", (now, ack_id, *part)).rowcount
+        return n
+
+    def acknowledged_ids(self, event_ids: list[int]) -> set[int]:
+        """Those of ``event_ids`` the index holds as acknowledged."""
+        ids = sorted({int(i) for i in event_ids if int(i) > 0})
+        out: set[int] = set()
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            rows = self._query(f"SELECT id FROM events WHERE acked_ns IS NOT NULL AND id IN "
+                               f"({', '.join('?' * len(part))})", part)
+            out |= {int(r["id"]) for r in rows}
+        return out
+
+    def release_unconfirmed(self) -> dict[str, Any] | None:
+        """The newest acknowledge when it was applied but its reset never confirmed, and no stop is
+        latched in the index since: the proof that a stop the PLC still holds was acknowledged."""
+        rows = self._query("SELECT * FROM acks ORDER BY id DESC LIMIT 1")
+        if not rows or rows[0]["handled_ns"] is None or rows[0]["cleared_ns"] is not None:
+            return None
+        if any(e["action"] == "stop" for e in self.latched_events()):
+            return None
+        return self._ack_dict(rows[0])
+
     @staticmethod
     def _ack_dict(r: sqlite3.Row) -> dict[str, Any]:
         d = dict(r)
@@ -608,9 +859,12 @@ class Store:
         return [self._event_dict(r, r["record"]) for r in reversed(rows)]
 
     def stats(self) -> dict[str, Any]:
+        """Counts and health: ``events``/``bytes`` (-1 while unreadable), ``errors`` by kind, ``usable``
+        and ``problem`` (why the store is degraded; "" when it works)."""
         try:
             r = self._query("SELECT COUNT(*) AS n, COALESCE(SUM(bytes), 0) AS b FROM events")[0]
             n, b = int(r["n"]), int(r["b"])
-        except sqlite3.Error:
+        except (sqlite3.Error, StoreError):
             n = b = -1
-        return {"events": n, "bytes": b, "errors": dict(self.errors), "last_error": self.last_error}
+        return {"events": n, "bytes": b, "errors": dict(self.errors), "last_error": self.last_error,
+                "usable": self.usable, "problem": self.problem}

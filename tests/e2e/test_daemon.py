@@ -145,11 +145,20 @@ def test_daemon_detects_restarts_and_stops_cleanly(tmp_path: Path, tiny_model: P
 
 
 def test_remote_worker_over_tcp(tmp_path: Path, tiny_model: Path) -> None:
-    """No local inference worker: frames are inspected by a `knitwatch worker` process over tcp://."""
+    """No local inference worker: frames are inspected by a `knitwatch worker` process over tcp://,
+    the link secured with CURVE keys made by `knitwatch keys generate`."""
     tiles_ep, results_ep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    keys, authorized = tmp_path / "keys", tmp_path / "authorized"
+    for name in ("daemon", "w1"):
+        subprocess.run([*KNITWATCH, "keys", "generate", "--out", str(keys), "--name", name], check=True,
+                       capture_output=True, env=clean_env(), timeout=60)
+    authorized.mkdir()
+    (authorized / "w1.key").write_bytes((keys / "w1.key").read_bytes())
     cfg = write_config(tmp_path)
     text = cfg.read_text().replace("[inference]\n", f'[inference]\nworkers = 0\ntiles_endpoint = "{tiles_ep}"\n'
-                                   f'results_endpoint = "{results_ep}"\n')
+                                   f'results_endpoint = "{results_ep}"\n'
+                                   f'server_secret_key = "{keys}/daemon.key_secret"\n'
+                                   f'authorized_keys_dir = "{authorized}"\n')
     cfg.write_text(text)
     decisions = tmp_path / "decisions.jsonl"
     env = clean_env()
@@ -158,7 +167,8 @@ def test_remote_worker_over_tcp(tmp_path: Path, tiny_model: Path) -> None:
         daemon = subprocess.Popen([*base, "run", "--config", str(cfg), "--checkpoint", str(tiny_model),
                                    "--decisions-log", str(decisions)], stdout=dlog, stderr=subprocess.STDOUT, env=env)
         worker = subprocess.Popen([*base, "worker", "--checkpoint", str(tiny_model), "--tiles", tiles_ep,
-                                   "--results", results_ep, "--name", "w1"], stdout=wlog, stderr=subprocess.STDOUT,
+                                   "--results", results_ep, "--name", "w1", "--key", str(keys / "w1.key_secret"),
+                                   "--server-key", str(keys / "daemon.key")], stdout=wlog, stderr=subprocess.STDOUT,
                                   env=env)
     try:
         wait_for(lambda: len(read_json_lines(decisions)) >= 10, 180, 0.25,
@@ -177,3 +187,5 @@ def test_remote_worker_over_tcp(tmp_path: Path, tiny_model: Path) -> None:
     spawned = [r["stage_name"] for r in read_json_lines(tmp_path / "daemon.log") if r.get("event") == "stage spawned"]
     assert not [s for s in spawned if s.startswith("infer")]
     assert any(r.get("event") == "inference worker ready" for r in read_json_lines(tmp_path / "worker.log"))
+    assert any(r.get("event") == "worker link authenticated" and r.get("key_name") == "w1"
+               for r in read_json_lines(tmp_path / "daemon.log"))

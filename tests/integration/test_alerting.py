@@ -48,12 +48,18 @@ class Alert:
         self.push = self.stage.socket(zmq.PUSH, ep, bind=False)
         self.frame = np.random.default_rng(0).integers(60, 200, (H, W), dtype=np.uint8)
 
-    def send(self, seq: int, defect: bool, area: tuple[int, int] = (20, 30)) -> None:
+    def send(self, seq: int, defect: bool, area: tuple[int, int] = (20, 30), *, at: tuple[int, int] = (100, 200),
+             more: tuple[tuple[int, int], ...] = (), pos: dict | None = None) -> None:
+        """A result whose anomaly map holds a defect of ``area`` (rows, columns) at ``at`` (row, column)
+        and at each of ``more``; ``pos``: the frame's fabric position header."""
         amap = np.zeros((H, W), np.float32)
         if defect:
-            amap[100 : 100 + area[0], 200 : 200 + area[1]] = 2.0
+            for y, x in (at, *more):
+                amap[y : y + area[0], x : x + area[1]] = 2.0
         head = {"cam": "c", "seq": seq, "epoch": 1, "t_wall_ns": time.time_ns(), "t_mono_ns": time.monotonic_ns(),
                 "image_score": float(amap.max()), "tile_scores": [float(amap.max())]}
+        if pos is not None:
+            head["pos"] = pos
         wire.send(self.push, "result", head, [amap, self.frame])
 
     def stats(self, pred: object, timeout: float = 20.0) -> dict:
@@ -219,4 +225,63 @@ def test_stop_lands_when_the_plc_comes_up_and_survives_a_killed_inspector(tmp_pa
         b.stats(lambda s: not s["actions"]["latched"])
     finally:
         assert b.stage.stop() == 0
+        plc.stop()
+
+
+SPEED_PX, CIRC_PX = 32.0, 2560.0  # the web moves 32 px to the left per frame; the tube is 2560 px round
+
+
+def pos(seq: int) -> dict:
+    """The fabric position of frame ``seq`` (what a position source puts into the result's header)."""
+    start = seq * SPEED_PX
+    return {"rev": int(start // CIRC_PX), "offset_px": start % CIRC_PX, "circumference_px": CIRC_PX,
+            "source": "test", "ok": True}
+
+
+def x_of(tube_x: int, seq: int) -> int:
+    """The frame column of tube column ``tube_x`` in frame ``seq``."""
+    return int(tube_x - seq * SPEED_PX)
+
+
+def test_every_defect_at_its_own_place_is_its_own_event_and_stop(tmp_path: Path) -> None:
+    """Two stop-class defects at different places of the fabric, the second within the old per-camera
+    cool-down (10 frames) of the first and after an acknowledge: two events, two stops; a third and a
+    fourth defect in the very same frames as each other: two more events."""
+    plc = SimulatedPlc().start()
+    store_dir = tmp_path / "store"
+    a = Alert(tmp_path / "run", store_dir, plc_cfg(plc.port))
+    store = Store.from_config(StoreConfig(path=store_dir, fsync=False))
+    try:
+        a.stats(lambda s: s.get("actions", {}).get("plc_connected"))
+        # defect A at tube column 500 (frame column 500 at frame 0) moves left with the web
+        for seq in range(0, 4):
+            a.send(seq, True, at=(100, x_of(500, seq)), pos=pos(seq))
+        wait_for(lambda: plc.coil(0), timeout=10)
+        wait_for(lambda: store.list_events()["total"] == 1)
+        store.request_ack("anna", note="hole mended")
+        wait_for(lambda: not plc.coil(0), timeout=10)
+        a.stats(lambda s: s["actions"].get("acks") == 1 and not s["actions"]["latched"])
+        # defect B: another place of the tube (column 1100), 13 frames after A was last seen
+        for seq in range(16, 19):
+            a.send(seq, True, at=(300, x_of(1100, seq)), pos=pos(seq))
+        wait_for(lambda: plc.coil(0), timeout=10)
+        wait_for(lambda: store.list_events()["total"] == 2)
+        store.request_ack("anna")
+        wait_for(lambda: not plc.coil(0), timeout=10)
+        # C and D in the same frames, far apart: two events
+        for seq in range(19, 22):
+            a.send(seq, True, at=(40, x_of(708, seq)), more=((440, x_of(1168, seq)),), pos=pos(seq))
+        wait_for(lambda: plc.coil(0), timeout=10)
+        s = a.stats(lambda s: s.get("inspected") == 10 and s["actions"]["pending"] == 0)
+        assert s["cameras"]["c"]["events"] == 4, s["cameras"]["c"]
+        wait_for(lambda: store.list_events()["total"] == 4)
+        events = sorted(store.list_events()["items"], key=lambda e: e["id"])
+        assert [(e["seq"], e["action"]) for e in events] == [(1, "stop"), (17, "stop"), (20, "stop"), (20, "stop")]
+        assert [e["acknowledged"] for e in events] == [True, True, False, False]
+        tracks = [store.get_event(e["id"])["record"]["track"] for e in events]
+        assert [tr["tube_x"] for tr in tracks] == [500.0, 1100.0, 708.0, 1168.0]
+        cam = s["cameras"]["c"]
+        assert cam["position"] == {"source": "test", "ok": 10} and cam["tracks_total"] == 4
+    finally:
+        assert a.stage.stop() == 0
         plc.stop()

@@ -80,7 +80,8 @@ def test_events_list_filters_and_pagination(populated: tuple[Settings, list[int]
     # bad filters: clear 400/422 answers
     assert q(camera="retired-cam") == []  # events of cameras no longer configured stay searchable
     assert c.get("/api/events", params={"camera": "../cam0"}).status_code == 422
-    assert c.get("/api/events", params={"since": "last tuesday"}).status_code == 400
+    r = c.get("/api/events", params={"since": "last tuesday"})
+    assert r.status_code == 422 and r.json()["detail"].startswith("since: cannot read")
     assert c.get("/api/events", params={"limit": 0}).status_code == 422
     assert c.get("/api/events", params={"limit": 501}).status_code == 422
     assert c.get("/api/events", params={"offset": -1}).status_code == 422

@@ -40,8 +40,8 @@ def time_arg(value: str | None, name: str) -> int | None:
         return None
     try:
         return parse_time(value)
-    except ValueError as e:
-        raise HTTPException(400, f"{name}: {e}") from None
+    except ValueError as e:  # unreadable or out of range: a 422 naming the parameter
+        raise HTTPException(422, f"{name}: {e}") from None
 
 
 @router.get("/api/events")

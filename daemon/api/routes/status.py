@@ -20,10 +20,11 @@ protected = [Depends(require_token)]
 
 
 @router.get("/healthz")
-def healthz(view: DaemonView = Depends(get_view)) -> JSONResponse:
+def healthz(request: Request, view: DaemonView = Depends(get_view)) -> JSONResponse:
     h = view.health()
     body = {"status": "ok" if h.get("healthy") else "unhealthy", **h}
-    return JSONResponse(body, status_code=200 if h.get("healthy") else 503)
+    answer: type[JSONResponse] = request.app.state.json_response
+    return answer(body, status_code=200 if h.get("healthy") else 503)
 
 
 @router.get("/metrics", dependencies=protected)

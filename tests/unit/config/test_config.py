@@ -90,7 +90,7 @@ def test_cross_field_rules(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as ei:
             load_settings(write(tmp_path, text))
         assert ei.value.problems[0].key == key, text
-    ok = load_settings(write(tmp_path, "[api]\nhost = '0.0.0.0'\ntoken = 'secret'\n"))
+    ok = load_settings(write(tmp_path, "[api]\nhost = '0.0.0.0'\ntoken = 'secret-0123456789abcdef'\n"))
     assert ok.api.host == "0.0.0.0"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -116,19 +117,28 @@ def test_recover_cleans_leftovers_and_flags_missing_files(tmp_path: Path) -> Non
     store.file_path(broken, "overlay").unlink()
     folder = Path(store.get_event(ok)["record"]["event_dir"])
     (folder / ".frame.png.123.tmp").write_bytes(b"half")
-    orphan = tmp_path / "events" / "2020-01-01" / "00000099"
-    orphan.mkdir(parents=True)
-    (orphan / "frame.png").write_bytes(b"x")
+    gone = add(store, seed=2)  # retention deleted its row, then the process died before the folder went
+    orphan = Path(store.get_event(gone)["record"]["event_dir"])
     store.close()
+    db = sqlite3.connect(tmp_path / "events.sqlite3")
+    db.execute("DELETE FROM events WHERE id = ?", (gone,))
+    db.commit()
+    db.close()
+    foreign = tmp_path / "events" / "2020-01-01" / "00000099"  # an id this index never gave: not its orphan
+    foreign.mkdir(parents=True)
+    (foreign / "frame.png").write_bytes(b"x")
 
     store = Store.from_config(StoreConfig(path=tmp_path, fsync=False))
     report = store.recover()
-    assert report == {"temp_files_removed": 1, "orphan_folders_removed": 1, "rows_flagged_files_missing": 2}
+    assert report == {"temp_files_removed": 1, "orphan_folders_removed": 1, "rows_flagged_files_missing": 2,
+                      "unindexed_folders_kept": 1}
     assert not orphan.exists() and not (folder / ".frame.png.123.tmp").exists()
+    assert (foreign / "frame.png").exists()
     assert store.get_event(ok)["state"] == "complete"
     assert store.get_event(broken)["state"] == "files_missing" and store.file_path(broken, "overlay") is None
     assert store.get_event(half)["state"] == "files_missing"
-    assert store.recover() == {}
+    assert store.recover() == {"unindexed_folders_kept": 1}
+    assert add(store) == 100  # new ids start above the kept folder
 
 
 WRITER = textwrap.dedent("""

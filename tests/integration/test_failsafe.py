@@ -1,0 +1,356 @@
+"""Fault injection: a latched stop never lets go without an acknowledge, whatever happens to the store.
+
+The alert stage runs as a real process fed real result messages over ZeroMQ; the PLC is the real
+pymodbus server of :class:`SimulatedPlc`; the store is real SQLite files on a real file system - a
+tmpfs that the test fills up or remounts read-only where it may mount one (root with CAP_SYS_ADMIN;
+otherwise those tests are skipped with the reason); acknowledges go through the real ``knitwatch
+ack`` command. Each case asserts the safe outcome: the PLC's stop output stays 1 until acknowledged,
+inspection and stops go on, the acknowledge works without the index, health says why it is degraded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from knitwatch.config.settings import AlertConfig, CameraConfig, PlcConfig, SeverityClassConfig, StoreConfig
+from knitwatch.pipeline import wire
+from knitwatch.pipeline.actions.latch import (
+    LATCH_FILE,
+    MAILBOX_FILE,
+    LatchFile,
+    LatchFileError,
+    post_ack_request,
+    read_view,
+    take_ack_requests,
+)
+from knitwatch.pipeline.actions.simplc import SimulatedPlc
+from knitwatch.pipeline.store.database import FILE_KINDS, Store
+from tests.helpers.net import sample, wait_for
+from tests.helpers.stages import StageUnderTest
+
+CAM = CameraConfig(id="c")
+ALERT = AlertConfig(confirm_k=2, confirm_n=3, min_area_px=4, cooldown_frames=10,
+                    severity=[SeverityClassConfig(name="major", action="stop", min_area_px=50),
+                              SeverityClassConfig(name="minor", action="alarm")])
+H, W = 120, 160
+
+
+def plc_cfg(port: int) -> PlcConfig:
+    return PlcConfig(driver="modbus", host="127.0.0.1", port=port, stop_address=0, heartbeat_address=1,
+                     heartbeat_s=0.1, heartbeat_idle_s=0, retry_initial_s=0.05, retry_max_s=0.3, timeout_s=0.5)
+
+
+class Alert:
+    """A running alert stage (a real process) and a PUSH socket to feed it results."""
+
+    def __init__(self, run_dir: Path, store: StoreConfig, plc: PlcConfig) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ep = f"ipc://{run_dir}/r.sock"
+        self.stage = StageUnderTest(run_dir, "knitwatch.pipeline.stages.alert", "alert", results_endpoint=ep,
+                                    thresholds={"image": 1.0, "pixel": 0.5}, alert=ALERT, cameras=[CAM], plc=plc,
+                                    store=store, model={"kind": "efficientad", "id": "ckpt-test-1"})
+        self.push = self.stage.socket(zmq.PUSH, ep, bind=False)
+        self.frame = np.random.default_rng(0).integers(60, 200, (H, W), dtype=np.uint8)
+
+    def send(self, seq: int, defect: bool, epoch: int = 1) -> None:
+        amap = np.zeros((H, W), np.float32)
+        if defect:
+            amap[40:60, 50:80] = 2.0
+        head = {"cam": "c", "seq": seq, "epoch": epoch, "t_wall_ns": time.time_ns(), "t_mono_ns": time.monotonic_ns(),
+                "image_score": float(amap.max()), "tile_scores": [float(amap.max())]}
+        wire.send(self.push, "result", head, [amap, self.frame])
+
+    def defect(self, epoch: int) -> None:
+        """A confirmed major defect (two defective frames of three): a stop event."""
+        for seq in range(3):
+            self.send(seq, seq > 0, epoch=epoch)
+
+    def stats(self, pred: Any, timeout: float = 30.0) -> dict[str, Any]:  # noqa: ANN401
+        return self.stage.wait_stats(pred, timeout)
+
+    def actions(self, pred: Any, timeout: float = 30.0) -> dict[str, Any]:  # noqa: ANN401
+        return self.stats(lambda s: bool(s.get("actions")) and pred(s["actions"]), timeout)["actions"]
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies where it stands (the PLC keeps what it holds)."""
+        os.kill(self.stage.proc.pid, signal.SIGKILL)
+        self.stage.proc.join(10)
+        self.stage.stop()
+
+
+def stays_on(plc: SimulatedPlc, seconds: float = 1.0) -> bool:
+    return all(sample(lambda: plc.coil(0), seconds, interval=0.05))
+
+
+def stays_off(plc: SimulatedPlc, seconds: float = 1.0) -> bool:
+    return not any(sample(lambda: plc.coil(0), seconds, interval=0.05))
+
+
+def write_config(path: Path, store: StoreConfig) -> Path:
+    latch_dir = getattr(store, "latch_dir", None)
+    latch = f'latch_dir = "{latch_dir}"\n' if latch_dir is not None else ""
+    path.write_text(f'[[cameras]]\nid = "c"\n[store]\npath = "{store.path}"\nfsync = false\n{latch}')
+    return path
+
+
+def knitwatch_ack(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KNITWATCH_")}
+    return subprocess.run([sys.executable, "-m", "knitwatch.daemon", "--config", str(config), "ack", *args],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def latch_a_stop(a: Alert, plc: SimulatedPlc, epoch: int = 1) -> dict[str, Any]:
+    a.actions(lambda s: s.get("plc_connected"))
+    a.defect(epoch)
+    wait_for(lambda: plc.coil(0), timeout=10, what="the stop on the PLC")
+    return a.actions(lambda s: s["latched"] and s["pending"] == 0)
+
+
+def degraded(actions: dict[str, Any], word: str) -> bool:
+    return any(word in reason for reason in actions.get("degraded", []))
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``path`` (skips the test where it cannot be mounted)."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "knitwatch-test", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount(path: Path, mode: str) -> None:
+    r = subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` to the last byte (a file that grows until ENOSPC)."""
+    big = folder / "filler"
+    fd = os.open(big, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        for chunk in (1 << 16, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, bytes(chunk))
+    finally:
+        os.close(fd)
+    return big
+
+
+# ---------------------------------------------------------------------- the store broken at start
+
+
+def test_corrupt_index_at_start_keeps_the_stop_and_ack_works_without_it(tmp_path: Path) -> None:
+    plc = SimulatedPlc().start()
+    store = StoreConfig(path=tmp_path / "store", fsync=False)
+    cfg = write_config(tmp_path / "k.toml", store)
+    a = Alert(tmp_path / "run1", store, plc_cfg(plc.port))
+    try:
+        latch_a_stop(a, plc)
+    finally:
+        a.kill()
+    index = tmp_path / "store" / "events.sqlite3"
+    index.write_bytes(b"this is not an SQLite database\n" * 200)  # corrupt, as a torn disk write leaves it
+    for side in ("-wal", "-shm"):
+        Path(f"{index}{side}").unlink(missing_ok=True)
+
+    b = Alert(tmp_path / "run2", store, plc_cfg(plc.port))
+    try:
+        s = b.actions(lambda s: s.get("plc_connected"))
+        assert stays_on(plc), "the stop was released without an acknowledge"
+        s = b.actions(lambda s: s["latched_cameras"]["stop"] == ["c"])
+        assert degraded(s, "store") and "not a database" in s["store"]["problem"]
+        # inspection and stops go on: a new stop event gets an id and is held in memory
+        b.defect(epoch=2)
+        s = b.actions(lambda s: s["store"]["held_events"] == 1 and s["pending"] == 0)
+        held = [i for i in s["latched_events"]["stop"]["c"] if i < 0]
+        assert len(held) == 1 and plc.coil(0)
+        # the acknowledge, without the index
+        r = knitwatch_ack(cfg, "--by", "anna", "--note", "index broken", "--wait", "20")
+        assert r.returncode == 0, r.stderr
+        assert "latch folder" in r.stdout and "outputs reset" in r.stdout
+        assert not plc.coil(0)
+        b.actions(lambda s: not s["latched"] and s.get("acks") == 1)
+        assert stays_off(plc, 0.5)
+        # the index comes back (moved aside by the operator): the held event and the acknowledge are written
+        index.rename(index.with_name("events.sqlite3.broken"))
+        s = b.actions(lambda s: s["store"]["ok"] and s["store"]["held_events"] == 0
+                      and s["store"]["acks_not_in_store"] == 0 and not s["degraded"], timeout=20)
+        fresh = Store.from_config(store, create=False)
+        wait_for(lambda: fresh.list_events()["total"] == 1 and all(fresh.list_events()["items"][0]["files"].values()),
+                 timeout=10, what="the held event's pictures")
+        (ev,) = fresh.list_events()["items"]
+        rec = fresh.get_event(ev["id"])["record"]
+        assert ev["id"] > 0 and ev["acknowledged"] and ev["action_state"] == "confirmed"
+        assert rec["held_in_memory"]["local_id"] == held[0] and rec["actions"][0]["confirmed"]
+        (ack,) = fresh.list_acks()
+        assert ack["by"] == "anna" and ack["note"] == "index broken" and ack["events_acked"] == 1 and ack["cleared"]
+        fresh.close()
+    finally:
+        assert b.stage.stop() == 0
+    c = Alert(tmp_path / "run3", store, plc_cfg(plc.port))  # nothing latched: a restart keeps it off
+    try:
+        c.actions(lambda s: s.get("plc_connected") and s["pending"] == 0)
+        assert stays_off(plc, 0.5) and not c.actions(lambda s: True)["latched"]
+    finally:
+        assert c.stage.stop() == 0
+        plc.stop()
+
+
+def test_read_only_store_at_start_keeps_the_stop(tmp_path: Path) -> None:
+    plc = SimulatedPlc().start()
+    with tmpfs(tmp_path / "disk", "32m") as disk:
+        store = StoreConfig(path=disk / "store", fsync=False)
+        cfg = write_config(tmp_path / "k.toml", store)
+        a = Alert(tmp_path / "run1", store, plc_cfg(plc.port))
+        try:
+            latch_a_stop(a, plc)
+        finally:
+            a.kill()
+        remount(disk, "ro")
+        b = Alert(tmp_path / "run2", store, plc_cfg(plc.port))
+        try:
+            b.actions(lambda s: s.get("plc_connected"))
+            assert stays_on(plc), "the stop was released without an acknowledge"
+            s = b.actions(lambda s: s["latched_cameras"]["stop"] == ["c"] and degraded(s, "store"))
+            assert "readonly" in s["store"]["problem"] or "read-only" in s["store"]["problem"]
+            r = knitwatch_ack(cfg, "--by", "anna", "--wait", "2")  # nothing on that disk can take it
+            assert r.returncode == 1 and "Read-only file system" in r.stderr and "latch folder" in r.stderr
+            assert plc.coil(0)
+            remount(disk, "rw")
+            r = knitwatch_ack(cfg, "--by", "anna", "--wait", "20")
+            assert r.returncode == 0, r.stderr
+            assert not plc.coil(0)
+            b.actions(lambda s: not s["latched"] and s["store"]["ok"] and not s["degraded"], timeout=20)
+        finally:
+            assert b.stage.stop() == 0
+            plc.stop()
+
+
+def test_full_disk_keeps_the_stop_and_takes_the_acknowledge(tmp_path: Path) -> None:
+    plc = SimulatedPlc().start()
+    with tmpfs(tmp_path / "disk", "8m") as disk:
+        store = StoreConfig(path=disk / "store", fsync=False)
+        cfg = write_config(tmp_path / "k.toml", store)
+        a = Alert(tmp_path / "run1", store, plc_cfg(plc.port))
+        b = None
+        try:
+            a.actions(lambda s: s.get("plc_connected"))
+            filler = fill(disk)
+            s = latch_a_stop(a, plc)  # the event cannot be stored: it gets an id all the same, the stop lands
+            (eid,) = s["latched_events"]["stop"]["c"]
+            assert eid < 0 and s["store"]["held_events"] == 1
+            s = a.actions(lambda s: degraded(s, "store"))
+            assert "full" in s["store"]["problem"]
+            assert read_view(store.path)["stop"] == ["c"]  # the latch file holds it (written in place)
+            r = knitwatch_ack(cfg, "--by", "anna", "--wait", "20")
+            assert r.returncode == 0, r.stderr
+            assert not plc.coil(0)
+            latch_a_stop(a, plc, epoch=2)  # a new stop, still on the full disk, then a restart
+            a.kill()
+            b = Alert(tmp_path / "run2", store, plc_cfg(plc.port))
+            b.actions(lambda s: s.get("plc_connected"))
+            assert stays_on(plc), "a restart on a full disk released the stop"
+            filler.unlink()  # room again
+            b.actions(lambda s: s["store"]["ok"] and not s["degraded"], timeout=20)
+            r = knitwatch_ack(cfg, "--by", "anna", "--wait", "20")
+            assert r.returncode == 0, r.stderr
+            assert not plc.coil(0)
+        finally:
+            if b is not None:
+                assert b.stage.stop() == 0
+            if a.stage.proc.is_alive():
+                a.stage.stop()
+            plc.stop()
+
+
+def test_store_folder_removed_while_running(tmp_path: Path) -> None:
+    plc = SimulatedPlc().start()
+    store = StoreConfig(path=tmp_path / "store", fsync=False)
+    cfg = write_config(tmp_path / "k.toml", store)
+    a = Alert(tmp_path / "run1", store, plc_cfg(plc.port))
+    try:
+        latch_a_stop(a, plc)
+        shutil.rmtree(store.path)
+        wait_for(lambda: (store.path / LATCH_FILE).is_file(), timeout=5, what="the latch file written again")
+        s = a.actions(lambda s: s.get("latch_file_lost", 0) >= 1)
+        assert s["latched_cameras"]["stop"] == ["c"] and plc.coil(0)
+        a.defect(epoch=2)  # the next event goes to a new index (not into the removed file)
+        s = a.actions(lambda s: len(s["latched_events"]["stop"]["c"]) == 2 and s["pending"] == 0)
+        new_id = max(s["latched_events"]["stop"]["c"])
+        assert new_id > 0
+        view = Store.from_config(store, create=False)
+        wait_for(lambda: (view.get_event(new_id) or {}).get("state") == "complete", timeout=10)
+        view.close()
+    finally:
+        a.kill()
+    b = Alert(tmp_path / "run2", store, plc_cfg(plc.port))  # the next start: pictures kept, stop kept
+    try:
+        b.actions(lambda s: s.get("plc_connected"))
+        assert stays_on(plc)
+        view = Store.from_config(store, create=False)
+        assert all(view.get_event(new_id)["files"].values())
+        r = knitwatch_ack(cfg, "--by", "anna", "--wait", "20")
+        assert r.returncode == 0, r.stderr
+        assert not plc.coil(0)
+        b.actions(lambda s: not s["latched"])
+        for kind in FILE_KINDS:
+            assert view.file_path(new_id, kind) is not None
+        view.close()
+    finally:
+        assert b.stage.stop() == 0
+        plc.stop()
+
+
+# ---------------------------------------------------------------------- the latch file on a full disk
+
+
+def test_latch_file_and_mailbox_work_on_a_full_disk(tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        latch = LatchFile(disk / "latch")
+        assert latch.write({"latch": {"stop": {"c": {"7": 1}}, "alarm": {}}, "latch_seq": 1}) == "atomic"
+        assert take_ack_requests(disk / "latch") == []  # creates the (empty, full-size) mailbox
+        fill(disk)
+        with pytest.raises(OSError):
+            (disk / "latch" / "new-file").write_bytes(b"x" * 8192)
+        assert latch.write({"latch": {"stop": {}, "alarm": {}}, "latch_seq": 2}) == "in place"
+        assert latch.read()["latch_seq"] == 2
+        req = post_ack_request(disk / "latch", by="anna", camera=None, note="full disk", covers_seq=2)
+        (got,) = take_ack_requests(disk / "latch")
+        assert got["token"] == req["token"] and got["by"] == "anna" and got["covers_seq"] == 2
+        assert take_ack_requests(disk / "latch") == []
+
+
+def test_a_torn_latch_file_reads_as_latched(tmp_path: Path) -> None:
+    latch = LatchFile(tmp_path)
+    latch.write({"latch": {"stop": {}, "alarm": {}}, "latch_seq": 5})
+    data = bytearray((tmp_path / LATCH_FILE).read_bytes())
+    data[40:48] = b"XXXXXXXX"  # a torn write: the check sum no longer matches (or it does not parse)
+    (tmp_path / LATCH_FILE).write_bytes(bytes(data))
+    with pytest.raises(LatchFileError, match="corrupt"):
+        latch.read()
+    view = read_view(tmp_path)
+    assert not view["ok"] and view["stop"] == ["*"]
+    (tmp_path / MAILBOX_FILE).write_bytes(b"{" * 100)
+    with pytest.raises(LatchFileError):
+        take_ack_requests(tmp_path)
+    assert take_ack_requests(tmp_path) == []  # emptied after the report
