@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextvars
 import ipaddress
+import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -35,9 +38,11 @@ ENV_PREFIX = "KNITWATCH_"
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated, and no
+    float setting takes ``inf`` or ``nan`` (``allow_inf_nan=False``: an infinite retention or a
+    ``nan`` threshold is an error with its key, never a crash loop or a silent blind spot)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ScheduledDefectConfig(Section):
@@ -112,8 +117,10 @@ class PositionConfig(Section):
         5, ge=0, le=32,
         description="image: the two needles left out at the cutline are this many needle pitches apart "
         "(the simulator: 5); 0: a single needle left out")
-    cutline_min_score: float = Field(
-        12.0, gt=0, le=1000, description="image: how far (robust z) both cutline stripes must stand out")
+    cutline_min_depth: float = Field(
+        0.18, gt=0, le=1,
+        description="image: how much darker than the other gaps between wales (a fraction of the fabric's local "
+        "brightness) the cutline's gaps must be")
     plc: PositionPlcConfig = PositionPlcConfig()
 
 
@@ -513,6 +520,31 @@ def _key_source(key: str, env: dict[str, str]) -> str:
     return ""
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _unparsable_env(e: SettingsError) -> list[ConfigProblem]:
+    """Name the environment variable(s) behind pydantic-settings' 'error parsing value for field'."""
+    m = re.search(r'field "([^"]+)"', str(e))
+    field_name = m.group(1) if m else "(environment)"
+    prefix = (ENV_PREFIX + field_name).upper()
+    cause = f" ({e.__cause__})" if e.__cause__ is not None else ""
+    found = [(k, v) for k, v in sorted(os.environ.items())
+             if k.upper() == prefix or k.upper().startswith(prefix + "__")]
+    found = [(k, v) for k, v in found if not _is_json(v)] or found
+    if not found:
+        return [ConfigProblem(field_name, _MISSING, f"cannot parse its environment value{cause}")]
+    hint = f"lists and sections take JSON, e.g. {ENV_PREFIX}CAMERAS='[{{\"id\": \"cam1\"}}]'"
+    return [ConfigProblem(name[len(ENV_PREFIX):].lower().replace("__", "."), value, f"not valid JSON{cause}; {hint}",
+                          f"from environment variable {name}")
+            for name, value in found]
+
+
 def load_settings(path: Path | str | None = None, *, use_default_path: bool = True) -> Settings:
     """Load defaults < TOML file < environment. Raises :class:`ConfigError` on any problem."""
     toml = resolve_config_path(path) if use_default_path or path is not None else None
@@ -536,6 +568,8 @@ def load_settings(path: Path | str | None = None, *, use_default_path: bool = Tr
     token = _toml_path.set(toml)
     try:
         return Settings()
+    except SettingsError as e:  # an environment value that cannot be parsed (lists and sections take JSON)
+        raise ConfigError(_unparsable_env(e), toml) from None
     except ValidationError as e:
         env = {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX)}
         problems = []

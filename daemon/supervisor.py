@@ -254,8 +254,12 @@ class Supervisor:
             stages[name] = {"healthy": ok, "alive": alive, "ready": ready, "restarting": sp.restart_at is not None,
                             "last_heartbeat_s": None if age is None else round(age, 2),
                             "restarts": sp.restart_count}
+        alert = self.procs.get("alert")
+        # the alert stage's action runner says what is degraded: PLC unreachable, store or latch file unusable
+        degraded = [str(r) for r in ((alert.stats.get("actions") or {}).get("degraded") or [])] if alert else []
         self._health = {"healthy": all(s["healthy"] for s in stages.values()) and self.stop_signal is None,
-                        "ready": self.ready, "stopping": self.stop_signal is not None, "stages": stages}
+                        "ready": self.ready, "stopping": self.stop_signal is not None, "stages": stages,
+                        "degraded": degraded}
 
     # the API's view of the daemon (read from the API's thread)
     def stats_snapshot(self) -> dict[str, Any]:
@@ -351,6 +355,8 @@ class Supervisor:
     def _report(self) -> None:
         self.snapshot = self._stats()
         extra = {"gpu": self.snapshot["gpu"]} if "gpu" in self.snapshot else {}
+        if self._health.get("degraded"):
+            extra["degraded"] = self._health["degraded"]
         log.info("stats", cameras=self.snapshot["cameras"], healthy=self.snapshot["healthy"],
                  restarts={n: sp.restart_count for n, sp in self.procs.items() if sp.restart_count}, **extra)
         for cam, c in self.snapshot["cameras"].items():

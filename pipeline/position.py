@@ -63,7 +63,7 @@ __all__ = [
 ]
 
 UNCERTAIN_OK_PX = 16.0  # frames are "ok" only while the dead-reckoned uncertainty stays below this
-_CONFIRM = 2  # sightings in consecutive frames that make a first (or a lost) cutline believed
+_CONFIRM = 3  # sightings of one pass that make it believed
 _PITCH_FRAMES = 8  # column profiles averaged to measure the loop pitch
 
 
@@ -214,10 +214,11 @@ class PhaseTracker:
         r3 = cv2.boxFilter(r, -1, (3, 3), normalize=False, borderType=cv2.BORDER_WRAP)
         r3[h // 4 + 1:h - h // 4] = -np.inf
         iy, ix = np.unravel_index(int(np.argmax(r3)), r3.shape)
-        xs = [(ix - 1) % w, ix, (ix + 1) % w]
-        ys = [(iy - 1) % h, iy, (iy + 1) % h]
-        block = r[np.ix_(ys, xs)]
         peak = float(r3[iy, ix])
+        block = r[np.ix_([(iy - 1) % h, iy, (iy + 1) % h], [(ix - 1) % w, ix, (ix + 1) % w])]
+        by, bx = np.unravel_index(int(np.argmax(block)), block.shape)  # the highest sample of that neighbourhood
+        iy, ix = (iy + by - 1) % h, (ix + bx - 1) % w
+        block = r[np.ix_([(iy - 1) % h, iy, (iy + 1) % h], [(ix - 1) % w, ix, (ix + 1) % w])]
         sx = _parabola(*(float(v) for v in block[1]))
         sy = _parabola(*(float(v) for v in block[:, 1]))
         x = ix if ix <= w // 2 else ix - w
@@ -266,40 +267,57 @@ def profile_period(profiles: list[np.ndarray], pmin: float = 2.5, pmax: float = 
     return float(1.0 / ((i + off) * (freqs[1] - freqs[0])))
 
 
-def find_cutline(profile: np.ndarray, pitch: float, spacing: int, min_score: float) -> tuple[float, float] | None:
-    """The cutline in a column profile: (centre column, score) or None.
+def find_cutline(profile: np.ndarray, pitch: float, spacing: int, min_depth: float) -> tuple[float, float] | None:
+    """The cutline in a column profile: (centre column, depth) or None.
 
-    The profile is smoothed over one pitch (the loops' own period disappears) and compared with its
-    surroundings (8 pitches); a needle left out shows as a narrow dark stripe, standing out by a
-    robust z-score (median absolute deviation). With ``spacing`` > 0 two such stripes ``spacing``
-    pitches apart are required (both must stand out by ``min_score``: a single dark needle line does
-    not qualify); with 0, one. Stripes closer than 4 pitches to an edge are not considered."""
+    A needle left out leaves a gap between two wales, darker than the grooves between the other
+    wales. Per column, the darkest value within one pitch is compared with the bright level around it
+    (the brightest within a pitch, averaged over 8 pitches): its *relative depth* is how much darker
+    than the frame's median that ratio is (the lighting's level and gradients cancel out). With
+    ``spacing`` > 0 two such gaps ``spacing`` pitches apart must both be at least ``min_depth`` deep
+    (a single dark needle line does not qualify); with 0, one. The centre is refined to a sub-pixel
+    position from the raw profile's minima. Gaps closer than 2 pitches to an edge are not considered."""
     n = profile.size
     k = max(1, int(round(pitch)))
     x = profile.astype(np.float32)[None, :]
-    sm = cv2.blur(x, (k, 1), borderType=cv2.BORDER_REFLECT)[0]
-    base = cv2.blur(x, (8 * k + 1, 1), borderType=cv2.BORDER_REFLECT)[0]
-    d = sm - base
-    mad = float(np.median(np.abs(d - np.median(d)))) * 1.4826 + 1e-6
-    dark = -d / mad
+    kernel = np.ones((1, k), np.uint8)
+    low = cv2.erode(x, kernel, borderType=cv2.BORDER_REFLECT)[0]
+    high = cv2.dilate(x, kernel, borderType=cv2.BORDER_REFLECT)[0]
+    level = cv2.blur(high[None, :], (8 * k + 1, 1), borderType=cv2.BORDER_REFLECT)[0]
+    ratio = low / np.maximum(level, np.float32(1.0))
+    depth = float(np.median(ratio)) - ratio
     sep = spacing * pitch
     s0 = int(math.floor(sep))
     frac = sep - s0
     m = n - s0 - 1
-    lo, hi = 4 * k, m - 4 * k
+    lo, hi = 2 * k, m - 2 * k
     if hi <= lo:
         return None
     if spacing > 0:
-        second = dark[s0:s0 + m] * (1.0 - frac) + dark[s0 + 1:s0 + 1 + m] * frac
-        score = np.minimum(dark[:m], second)
+        second = depth[s0:s0 + m] * (1.0 - frac) + depth[s0 + 1:s0 + 1 + m] * frac
+        score = np.minimum(depth[:m], second)
     else:
-        score = dark[:m]
+        score = depth[:m]
     i = lo + int(np.argmax(score[lo:hi]))
     best = float(score[i])
-    if best < min_score:
+    if best < min_depth:
         return None
-    sub = _parabola(float(score[i - 1]), best, float(score[i + 1])) if 0 < i < m - 1 else 0.0
-    return i + sub + sep / 2.0 + 0.5, best
+    # the gaps' exact places: the raw profile's minima near them (a stripe is up to a pitch wide)
+    centres = [_minimum(profile, i, k)]
+    if spacing > 0:
+        centres.append(_minimum(profile, i + sep, k))
+    return float(np.mean(centres)), best
+
+
+def _minimum(profile: np.ndarray, x: float, k: int) -> float:
+    """Sub-pixel column of the profile's minimum within about a pitch of ``x`` (column centres at +0.5)."""
+    n = profile.size
+    a, b = max(1, int(math.floor(x - k))), min(n - 1, int(math.ceil(x + k)) + 1)
+    if b - a < 1:
+        return x + 0.5
+    j = a + int(np.argmin(profile[a:b]))
+    j = min(max(j, 1), n - 2)
+    return j + _parabola(-float(profile[j - 1]), -float(profile[j]), -float(profile[j + 1])) + 0.5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,21 +326,30 @@ def find_cutline(profile: np.ndarray, pitch: float, spacing: int, min_score: flo
 
 
 class _Displacement:
-    """The accumulated displacement ``u`` (frame pixels; 0 at the first frame) with dead reckoning."""
+    """The accumulated displacement ``u`` (frame pixels; 0 at the first frame) with dead reckoning.
+
+    Each frame is measured against the last good one (normally the previous frame); a frame whose
+    correlation peak is weak is carried on at the mean speed of the last 16 measured frames, and the
+    last good frame stays the reference while enough of it can still be in view."""
 
     def __init__(self, cfg: PositionConfig) -> None:
         self.cfg = cfg
         self.tracker: PhaseTracker | None = None
         self.shape: tuple[int, int] | None = None
         self.u = 0.0
-        self.v = 0.0  # speed, pixels per frame (for the prediction)
-        self.ref: tuple[np.ndarray, float] | None = None  # last good spectrum and its u
+        self.steps: collections.deque[float] = collections.deque(maxlen=16)  # measured px per frame
+        self.ref: tuple[np.ndarray, float, int] | None = None  # last good spectrum, its u and frame number
         self.frames = 0
         self.measured = 0
         self.weak = 0
         self.resets = 0
         self.peaks: collections.deque[float] = collections.deque(maxlen=200)
         self.width = 0
+
+    @property
+    def v(self) -> float:
+        """The speed (px per frame) used to carry the position on."""
+        return float(np.mean(self.steps)) if self.steps else 0.0
 
     def update(self, gray: np.ndarray) -> tuple[bool, np.ndarray]:
         """Advance ``u`` by this frame; (measured, column profile at work resolution)."""
@@ -340,33 +367,49 @@ class _Displacement:
             measured = self.frames == 1  # the very first frame is the origin; later: carried on
             if not measured:
                 self.u += self.v
-            self.ref = (spec, self.u)
+                self.weak += 1
+            self.ref = (spec, self.u, self.frames)
             return measured, profile
-        ref_spec, ref_u = self.ref
+        ref_spec, ref_u, ref_frame = self.ref
         dx, _dy, peak = self.tracker.shift(ref_spec, spec)
         self.peaks.append(peak)
         predicted = self.u + self.v
         w = float(self.tracker.ww * self.tracker.fx)
         dx += round((predicted - ref_u - dx) / w) * w  # the representative nearest the prediction
         if peak >= self.cfg.min_peak:
-            new_u = ref_u + dx
-            step = new_u - self.u
-            self.v = step if self.measured == 0 else 0.5 * self.v + 0.5 * step
-            self.u = new_u
-            self.ref = (spec, new_u)
+            self.u = ref_u + dx
+            self.steps.append(dx / (self.frames - ref_frame))
+            self.ref = (spec, self.u, self.frames)
             self.measured += 1
             return True, profile
         self.weak += 1
         self.u = predicted
         if abs(self.u - ref_u) > 0.35 * w:  # no overlap left with the reference: start afresh
-            self.ref = (spec, self.u)
+            self.ref = (spec, self.u, self.frames)
         return False, profile
 
-    def shift_origin(self, delta: float) -> None:
-        """Move ``u`` (and the reference's) by ``delta`` (a drift correction)."""
-        self.u += delta
-        if self.ref is not None:
-            self.ref = (self.ref[0], self.ref[1] + delta)
+
+class _Pass:
+    """The cutline's sightings while it crosses the view once (they lie within a few pitches in ``u``)."""
+
+    def __init__(self, ref: float, clean: bool) -> None:
+        self.ref = ref  # u of the first sighting
+        self.clean = clean  # no frame was carried on (unmeasured) since the previous pass
+        self.sightings: list[tuple[float, float]] = []  # (u, depth)
+        self.accepted = False
+        self.rejected = False
+        self.n = 0  # revolutions since the previous pass, once accepted
+
+    def best(self, tol: float) -> tuple[float, int]:
+        """(mean u, size) of the largest group of sightings within ``tol`` of each other's centre
+        (ties: the deeper); a stray pair (a defect next to one of the gaps) is outvoted."""
+        us = np.array([u for u, _ in self.sightings])
+        ds = np.array([d for _, d in self.sightings])
+        near = np.abs(us[:, None] - us[None, :]) <= tol
+        counts = near.sum(axis=1)
+        depth = (near * ds[None, :]).sum(axis=1)
+        i = max(range(len(us)), key=lambda j: (int(counts[j]), float(depth[j])))
+        return float(us[near[i]].mean()), int(counts[i])
 
 
 class ImagePosition(_Timing):
@@ -376,23 +419,27 @@ class ImagePosition(_Timing):
         super().__init__("image")
         self.cfg = cfg
         self.disp = _Displacement(cfg)
-        self.circ: float | None = cfg.circumference_px
-        self.c_samples = 0
         self.pitch: float | None = cfg.pitch_px  # frame pixels
         self._pitch_profiles: list[np.ndarray] = []
-        # the cutline: its tube coordinate, and where (in u) and in which revolution it was last seen
-        self.cut_t: float | None = None
-        self.anchor_u: float | None = None
-        self.anchor_rev = 0
-        self.anchor_n = 0  # sightings averaged into anchor_u (this pass)
-        self.pending: list[float] = []  # unconfirmed sightings (u), consecutive frames
+        self._forget()
         self.passes = 0
         self.rejected = 0
         self.resyncs = 0
-        self.uncertain = 0.0  # px the offset may be off by after carrying on without measurement
 
-    # -- tube coordinate ---------------------------------------------------------------------------
+    def _forget(self) -> None:
+        self.circ: float | None = self.cfg.circumference_px
+        self.c_samples = 0
+        self.cut_t: float | None = None  # the cutline's tube coordinate
+        self.anchor_u: float | None = None  # where (in u) the cutline was seen last, in revolution anchor_rev
+        self.anchor_rev = 0
+        self.base_u: float | None = None  # the same, of the pass before the current one
+        self.base_rev = 0
+        self.cur: _Pass | None = None
+        self.dead = False  # a frame was carried on since the last pass
+        self.uncertain = 0.0  # px the offset may be off by after frames carried on without measurement
+
     def _tube(self, u: float) -> float:
+        """The unwrapped tube coordinate of ``u`` (``u`` itself until the circumference is known)."""
         if self.anchor_u is None or self.circ is None or self.cut_t is None:
             return u
         return self.anchor_rev * self.circ + self.cut_t + (u - self.anchor_u)
@@ -400,12 +447,14 @@ class ImagePosition(_Timing):
     def update(self, frame: np.ndarray, truth: dict | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         gray = _gray(frame)
-        width_before = self.disp.width
+        resets = self.disp.resets
         measured, profile = self.disp.update(gray)
-        if self.disp.width != width_before and width_before:  # another frame size: start again
+        if self.disp.resets != resets:  # another frame size: the tube is learned afresh
             self._forget()
+            self.pitch, self._pitch_profiles = self.cfg.pitch_px, []
         if not measured and self.disp.frames > 1:
-            self.uncertain += 0.1 * abs(self.disp.v) + 0.5
+            self.dead = True
+            self.uncertain += 0.05 * abs(self.disp.v) + 0.5
         fx = self.disp.tracker.fx if self.disp.tracker else 1
         if self.pitch is None:
             self._pitch_profiles.append(profile)
@@ -415,95 +464,92 @@ class ImagePosition(_Timing):
                 if p is not None:
                     self.pitch = p * fx
         if self.pitch is not None:
-            found = find_cutline(profile, self.pitch / fx, self.cfg.cutline_needle_spacing, self.cfg.cutline_min_score)
-            if found is None:
-                self.pending = []
-            else:
-                self._sighting(self.disp.u + found[0] * fx)
+            found = find_cutline(profile, self.pitch / fx, self.cfg.cutline_needle_spacing, self.cfg.cutline_min_depth)
+            if found is not None:
+                self._sighting(self.disp.u + found[0] * fx, found[1])
         rev, off = _wrap(self._tube(self.disp.u), self.circ)
         ok = measured and self.uncertain <= UNCERTAIN_OK_PX
         return self._record(_pos(rev, off, self.circ, self.source, ok, self.cut_t), t0)
 
-    def _forget(self) -> None:
-        self.anchor_u = self.cut_t = None
-        self.circ = self.cfg.circumference_px
-        self.c_samples = self.anchor_rev = self.anchor_n = 0
-        self.pending = []
-        self.pitch = self.cfg.pitch_px
-        self._pitch_profiles = []
-
-    def _confirmed(self, u_s: float) -> bool:
-        """Keep an unconfirmed sighting; True once _CONFIRM consecutive ones agree."""
-        tol = 2.0 * (self.pitch or 6.0)
-        if self.pending and abs(u_s - float(np.mean(self.pending))) > tol:
-            self.pending = []
-        self.pending.append(u_s)
-        return len(self.pending) >= _CONFIRM
-
-    def _sighting(self, u_s: float) -> None:
+    # -- the cutline -------------------------------------------------------------------------------
+    def _sighting(self, u_s: float, depth: float) -> None:
         """The cutline seen at ``u_s`` (in u): learn, count and re-anchor."""
         pitch = self.pitch or 6.0
-        width = float(self.disp.width)
-        same_tol = 2.0 * pitch + self.uncertain
-        if self.anchor_u is None:  # the first pass: its place becomes the cutline's
-            if self._confirmed(u_s):
-                self.anchor_u = float(np.mean(self.pending))
-                self.anchor_n = len(self.pending)
-                self.pending = []
-                self.passes = 1
-                if self.circ is not None:
-                    self._fix_cutline()
+        p = self.cur
+        if p is None or abs(u_s - p.ref) > (self.cfg.cutline_needle_spacing + 4) * pitch:  # a new pass begins
+            self._close(p)
+            p = self.cur = _Pass(u_s, clean=not self.dead)
+            self.base_u, self.base_rev = self.anchor_u, self.anchor_rev
+        p.sightings.append((u_s, depth))
+        u_c, count = p.best(max(2.0, 0.5 * pitch))
+        if count < _CONFIRM:
             return
-        gap = u_s - self.anchor_u
-        if abs(gap) <= same_tol:  # the same pass, again: average
-            self._refine_anchor(u_s)
-            return
-        if self.circ is None or self.cut_t is None:  # the second pass gives the circumference
-            if abs(gap) > width and self._confirmed(u_s):
-                u2 = float(np.mean(self.pending))
-                self.circ = abs(u2 - self.anchor_u)
-                self.c_samples = 1
+        if self.base_u is None:  # the first pass: its place becomes the cutline's
+            self.anchor_u = u_c
+            self._accept(p, 0)
+            if self.circ is not None:
                 self._fix_cutline()
-                self._new_pass(u2, 1 if u2 > self.anchor_u else -1, len(self.pending))
+            return
+        gap = u_c - self.base_u
+        if self.circ is None or self.cut_t is None:  # the second pass gives the circumference
+            if abs(gap) <= self.disp.width:  # not a revolution later: a defect
+                self._reject(p)
+                return
+            self.circ, self.c_samples = abs(gap), 1
+            self._fix_cutline()
+            self._accept(p, 1 if gap > 0 else -1, u_c)
             return
         n = round(gap / self.circ)
         err = gap - n * self.circ
         tol = max(3.0 * pitch, 0.01 * self.circ) + self.uncertain + 0.01 * self.circ * max(0, abs(n) - 1)
         if n != 0 and abs(err) <= tol:
-            if abs(n) == 1:  # a whole revolution measured: refine the circumference
-                self.c_samples += 1
-                self.circ += (abs(gap) - self.circ) / min(self.c_samples, 16)
-            self._new_pass(u_s, n, 1)
+            self._accept(p, n, u_c)
             return
-        # not where the cutline is expected: a defect, or the estimate is lost (after a long outage)
-        self.rejected += 1
-        lost = abs(self.disp.u - self.anchor_u) > 2.5 * self.circ or self.uncertain > UNCERTAIN_OK_PX
-        if lost and n != 0 and self._confirmed(u_s):
-            self.resyncs += 1
-            self._new_pass(float(np.mean(self.pending)), n, len(self.pending))
+        # not where the cutline is due: a defect, or the estimate is lost (after a long outage)
+        lost = self.uncertain > UNCERTAIN_OK_PX or abs(self.disp.u - self.base_u) > 2.5 * self.circ
+        if lost and n != 0 and count > _CONFIRM:
+            if not p.accepted:
+                self.resyncs += 1
+            p.clean = False
+            self._accept(p, n, u_c)
+            return
+        self._reject(p)
 
     def _fix_cutline(self) -> None:
-        assert self.anchor_u is not None and self.circ is not None
-        rev = math.floor(self.anchor_u / self.circ)
-        self.anchor_rev = rev
-        self.cut_t = self.anchor_u - rev * self.circ
+        """The circumference is known: the cutline's tube coordinate follows from its first pass."""
+        first = self.base_u if self.base_u is not None else self.anchor_u
+        assert first is not None and self.circ is not None
+        rev = math.floor(first / self.circ)
+        self.cut_t = first - rev * self.circ
+        if self.base_u is not None:
+            self.base_rev = rev
+        else:
+            self.anchor_rev = rev
 
-    def _new_pass(self, u_s: float, n: int, sightings: int) -> None:
-        """The cutline is back after ``n`` revolutions: its tube coordinate is known, so the frame's is
-        too (the drift accumulated since the last pass disappears)."""
-        self.anchor_rev += n
-        self.anchor_u = u_s
-        self.anchor_n = sightings
-        self.pending = []
-        self.passes += 1
+    def _accept(self, p: _Pass, n: int, u_c: float | None = None) -> None:
+        """The cutline of pass ``p`` is ``n`` revolutions after the previous one, at ``u_c``: the
+        frame's tube coordinate is known again (the drift accumulated since the last pass is gone)."""
+        if u_c is not None:
+            self.anchor_u, self.anchor_rev = u_c, self.base_rev + n
+        if not p.accepted:
+            p.accepted = True
+            self.passes += 1
+        p.n = n
+        self.dead = False
         self.uncertain = 0.0
 
-    def _refine_anchor(self, u_s: float) -> None:
-        assert self.anchor_u is not None
-        self.anchor_n += 1
-        self.anchor_u += (u_s - self.anchor_u) / self.anchor_n
-        self.pending = []
-        self.uncertain = 0.0
+    def _reject(self, p: _Pass) -> None:
+        if not p.rejected:
+            p.rejected = True
+            self.rejected += 1
+
+    def _close(self, p: _Pass | None) -> None:
+        """A pass is over: a whole revolution measured without a gap refines the circumference."""
+        if p is None or not p.accepted or not p.clean or abs(p.n) != 1 or self.base_u is None \
+                or self.anchor_u is None or self.circ is None or self.cut_t is None:
+            return
+        self.c_samples += 1
+        self.circ += (abs(self.anchor_u - self.base_u) - self.circ) / min(self.c_samples, 16)
 
     def stats(self) -> dict[str, Any]:
         s = super().stats()

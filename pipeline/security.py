@@ -70,7 +70,9 @@ class KeyPair:
 
 
 def _z85_key(text: str, what: str, path: Path) -> bytes:
-    raw = text.encode("ascii", "replace")
+    if not text.isascii():
+        raise LinkSecurityError(f"key file {path}: the {what} key is not valid Z85 text")
+    raw = text.encode("ascii")
     if len(raw) != 40:
         raise LinkSecurityError(f"key file {path}: the {what} key must be 40 Z85 characters, it has {len(raw)}")
     try:

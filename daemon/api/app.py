@@ -47,6 +47,7 @@ from knitwatch.daemon.api.metrics import metrics_registry
 from knitwatch.daemon.api.public import Redactor, install_error_handlers, response_class
 from knitwatch.daemon.api.routes import alarm, events, status, web
 from knitwatch.daemon.api.security import ApiError, Gate, host_check_needed, load_token
+from knitwatch.pipeline.actions.latch import latch_dir_of
 
 log = structlog.get_logger(__name__)
 
@@ -67,10 +68,11 @@ def create_app(settings: Settings, view: DaemonView | None = None, *, token: str
                   default_response_class=json_response)
     app.state.view = view
     app.state.stores = stores
+    app.state.latch_dir = latch_dir_of(settings.store)  # the latch file: what is latched, acks without the index
     app.state.cameras = [c.id for c in settings.cameras]
     app.state.token = token
     app.state.json_response = json_response
-    app.state.metrics = metrics_registry(view, stores)
+    app.state.metrics = metrics_registry(view, stores, app.state.latch_dir)
     app.add_middleware(Gate, token=token, check_host=host_check_needed(token, bound_host or settings.api.host))
     install_error_handlers(app, json_response)
     for module in (web, status, events, alarm):

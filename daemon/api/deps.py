@@ -24,15 +24,18 @@ class DaemonView(Protocol):
 class StaticView:
     """A fixed stats snapshot and health: for serving a store without a running daemon (and tests)."""
 
-    def __init__(self, snapshot: dict[str, Any] | None = None, healthy: bool = False) -> None:
+    def __init__(self, snapshot: dict[str, Any] | None = None, healthy: bool = False,
+                 degraded: list[str] | None = None) -> None:
         self.snapshot = snapshot or {}
         self.healthy = healthy
+        self.degraded = list(degraded or [])  # why it is degraded (the supervisor's "degraded")
 
     def stats_snapshot(self) -> dict[str, Any]:
         return self.snapshot
 
     def health(self) -> dict[str, Any]:
-        return {"healthy": self.healthy, "ready": bool(self.snapshot.get("ready", self.healthy)), "stages": {}}
+        return {"healthy": self.healthy, "ready": bool(self.snapshot.get("ready", self.healthy)), "stages": {},
+                "degraded": self.degraded}
 
 
 class StoreHandle:

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from knitwatch.daemon.api.deps import DaemonView, StoreHandle
+from knitwatch.pipeline.actions.latch import current_latch, read_view
 from knitwatch.pipeline.store.database import StoreError
 
 
 class DaemonCollector:
     """Prometheus metrics read from the daemon's stats at scrape time."""
 
-    def __init__(self, view: DaemonView, stores: StoreHandle) -> None:
+    def __init__(self, view: DaemonView, stores: StoreHandle, latch_dir: Path | None = None) -> None:
         self.view = view
         self.stores = stores
+        self.latch_dir = latch_dir
 
     def describe(self) -> list:
         return []
@@ -32,9 +35,15 @@ class DaemonCollector:
         def counter(name: str, doc: str, labels: list[str] | None = None) -> CounterMetricFamily:
             return CounterMetricFamily(f"knitwatch_{name}", doc, labels=labels or [])
 
-        up = gauge("healthy", "1 when every stage is alive, ready and sending heartbeats")
-        up.add_metric([], 1.0 if health.get("healthy") else 0.0)
+        degraded = list(health.get("degraded") or [])
+        up = gauge("healthy", "1 when every stage is alive, ready and sending heartbeats, and nothing is degraded")
+        up.add_metric([], 1.0 if health.get("healthy") and not degraded else 0.0)
         yield up
+        parts = gauge("degraded", "1 per part that is degraded (PLC, store, latch file ...): /healthz says why",
+                      ["part"])
+        for part in sorted({r.split(":", 1)[0] for r in degraded}):
+            parts.add_metric([part], 1.0)
+        yield parts
         ready = gauge("ready", "1 once the model is loaded and the cameras run")
         ready.add_metric([], 1.0 if health.get("ready") else 0.0)
         yield ready
@@ -90,26 +99,29 @@ class DaemonCollector:
             fails.add_metric([], float(actions.get("failures", 0)))
             yield fails
         store = self.stores.peek()
+        index: dict[str, list[str]] | None = None
+        st: dict[str, Any] | None = None
         if store is not None:
             try:
-                latched = store.latched()
+                index = store.latched()
                 st = store.stats()
             except StoreError:
-                latched, st = None, None
-            if latched is not None:
-                lat = gauge("alarm_latched", "1 while a camera has an unacknowledged stop / alarm",
-                            ["camera", "action"])
-                for cam in sorted(cams) or []:
-                    for action in ("stop", "alarm"):
-                        lat.add_metric([cam, action], 1.0 if cam in latched.get(action, []) else 0.0)
-                yield lat
-            if st is not None and st.get("events", -1) >= 0:
-                g = gauge("store_events", "events in the defect store")
-                g.add_metric([], float(st["events"]))
-                yield g
-                g = gauge("store_bytes", "bytes of event pictures in the defect store")
-                g.add_metric([], float(st["bytes"]))
-                yield g
+                index, st = None, None
+        latched = current_latch(read_view(self.latch_dir) if self.latch_dir is not None else {}, actions or None,
+                                index)
+        lat = gauge("alarm_latched", "1 while a camera has an unacknowledged stop / alarm (camera '*': a stop of "
+                    "unknown origin)", ["camera", "action"])
+        for cam in sorted(set(cams) | set(latched["stop"]) | set(latched["alarm"])):
+            for action in ("stop", "alarm"):
+                lat.add_metric([cam, action], 1.0 if cam in latched[action] else 0.0)
+        yield lat
+        if st is not None and st.get("events", -1) >= 0:
+            g = gauge("store_events", "events in the defect store")
+            g.add_metric([], float(st["events"]))
+            yield g
+            g = gauge("store_bytes", "bytes of event pictures in the defect store")
+            g.add_metric([], float(st["bytes"]))
+            yield g
 
         gpu = snap.get("gpu") or {}
         devices = [d for d in gpu.get("devices", []) if "error" not in d]
@@ -135,8 +147,8 @@ class DaemonCollector:
             yield g
 
 
-def metrics_registry(view: DaemonView, stores: StoreHandle) -> CollectorRegistry:
-    """A registry of its own per app (not the process-wide default one)."""
+def metrics_registry(view: DaemonView, stores: StoreHandle, latch_dir: Path | None = None) -> CollectorRegistry:
+    """A registry of its own per app (not the process-wide default one); ``latch_dir``: the latch file's."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(view, stores))
+    registry.register(DaemonCollector(view, stores, latch_dir))
     return registry

@@ -50,6 +50,7 @@ def run_position_bench(*, width: int, height: int, speed: float, revolution_fram
     c_true = float(stream.circumference)
     black = set(range(frames // 2, frames // 2 + blackout))
     err_px: list[float] = []
+    err_ok: list[float] = []
     err_deg: list[float] = []
     err_before: list[float] = []
     wrong_rev = 0
@@ -78,6 +79,9 @@ def run_position_bench(*, width: int, height: int, speed: float, revolution_fram
         true_u = truth.revolution * c_true + truth.offset_px
         not_ok += not pos["ok"]
         circ = pos["circumference_px"]
+        if progress and (i + 1) % step == 0:
+            sys.stderr.write(f"  frame {i + 1}/{frames}: revolution {pos['rev']} (true {truth.revolution}), "
+                             f"offset {pos['offset_px']:.1f} px (true {truth.offset_px})\n")
         if circ is None:
             err_before.append(pos["offset_px"] - true_u)
             continue
@@ -86,10 +90,9 @@ def run_position_bench(*, width: int, height: int, speed: float, revolution_fram
         turns = (pos["rev"] + pos["offset_px"] / circ) - true_u / c_true
         wrong_rev += abs(turns) >= 0.5
         err_px.append(turns * c_true)
+        if pos["ok"]:
+            err_ok.append(turns * c_true)
         err_deg.append(turns * 360.0)
-        if progress and (i + 1) % step == 0:
-            sys.stderr.write(f"  frame {i + 1}/{frames}: revolution {pos['rev']} (true {truth.revolution}), "
-                             f"error {turns * c_true:+.2f} px\n")
     st = est.stats()
     return {
         "stream": f"{width}x{height} {texture}, pitch {pitch:g} px, {speed:g} px/frame, "
@@ -100,6 +103,7 @@ def run_position_bench(*, width: int, height: int, speed: float, revolution_fram
         "circumference_learned_at_frame": learned_at,
         "offset_error_px": _stats(err_px),
         "angle_error_deg": _stats(err_deg),
+        "offset_error_px_ok_frames": _stats(err_ok),
         "distance_error_px_before_circumference": _stats(err_before),
         "revolution_last_frame": {"est": pos.get("rev"), "true": truth_rev},
         "frames_wrong_revolution": wrong_rev,

@@ -27,7 +27,7 @@ import structlog
 
 from knitwatch.config import Settings
 from knitwatch.config.settings import ApiConfig, CameraConfig, PlcConfig, SimulatorConfig, StoreConfig
-from knitwatch.daemon.cli.common import CliError, checkpoint_summary, load_config
+from knitwatch.daemon.cli.common import CliError, checkpoint_summary, fmt_coverage, load_config
 from knitwatch.daemon.logs import setup_logging
 from knitwatch.pipeline.actions.simplc import (
     ALARM_COIL,
@@ -173,7 +173,9 @@ class DemoMonitor:
         snap = self.sup.snapshot or {}
         cam = (snap.get("cameras") or {}).get("demo", {})
         return {"seconds": round(time.monotonic() - self.t0, 1), "fps": cam.get("fps"),
-                "coverage": cam.get("coverage"), "captured": cam.get("captured", 0),
+                # the whole run's coverage (the stats' own is over the last minute)
+                "coverage": (cam.get("inspected", 0) / cam["captured"]) if cam.get("captured") else None,
+                "captured": cam.get("captured", 0),
                 "inspected": cam.get("inspected", 0), "dropped": cam.get("dropped", 0),
                 "latency_ms": cam.get("latency_ms", {}), "events": self.events, "stops": self.plc.stops,
                 "stop_output": self.plc.stop_on, "heartbeats": self.plc.heartbeats, "auto_acks": self.auto_acks,
@@ -194,7 +196,7 @@ class DemoMonitor:
             beat = self.plc.last_beat is not None and time.monotonic() - self.plc.last_beat < 3.5
             line = (f"{clock} {'inspecting' if health.get('healthy') else 'NOT HEALTHY'} | "
                     f"{cam.get('fps') or 0:.1f} fps | coverage "
-                    f"{'-' if cov is None else f'{100 * cov:.0f}%'} | frames {cam.get('inspected', 0)} | "
+                    f"{fmt_coverage(cov)} | frames {cam.get('inspected', 0)} | "
                     f"defects {self.events} | stops {self.plc.stops} | latency "
                     + (f"p50 {lat['p50'] / 1000:.2f} s p99 {lat['p99'] / 1000:.2f} s" if "p50" in lat else "-")
                     + f" | {machine} | PLC heartbeat {'ok' if beat else '-'}")
@@ -329,11 +331,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     cov = summary["coverage"]
     out.write(f"demo stopped after {summary['seconds']:.0f} s: {summary['inspected']} frames inspected, coverage "
-              f"{'-' if cov is None else f'{100 * cov:.0f}%'}, {summary['events']} defect event(s), "
+              f"{fmt_coverage(cov)}, {summary['events']} defect event(s), "
               f"{summary['stops']} stop(s) on the simulated PLC\n"
               f"look them up: KNITWATCH_STORE__PATH={settings.store.path} knitwatch defects list\n")
     if cov is not None and cov < 0.95:
-        out.write(f"this CPU did not keep up at {fps:g} fps (coverage {100 * cov:.0f}%): try --fps {fps / 2:g}\n")
+        out.write(f"this CPU did not keep up at {fps:g} fps (coverage {fmt_coverage(cov)}): try --fps {fps / 2:g}\n")
     if rc != 0 and not verbose:
         out.write(f"the daemon failed (exit code {rc}): see {log_path}\n")
     return rc

@@ -15,6 +15,7 @@ from knitwatch.daemon.cli.common import (
     CliError,
     add_config_option,
     fmt_bytes,
+    fmt_coverage,
     load_config,
     local_time,
     table,
@@ -60,6 +61,8 @@ def _fmt_age(s: float | None) -> str:
 def render_status(st: dict[str, Any], url: str) -> str:
     out = [f"knitwatch at {url}: {'healthy' if st.get('healthy') else 'NOT HEALTHY'}, "
            f"{'inspecting' if st.get('ready') else 'starting'}, up {_fmt_age(st.get('uptime_s'))}"]
+    for reason in st.get("degraded") or []:  # PLC unreachable, store or latch file unusable ...
+        out.append(f"DEGRADED: {reason}")
     alarm = st.get("alarm") or {}
     if alarm.get("latched"):
         out.append(f"ALARM LATCHED: stop {', '.join(alarm.get('stop') or []) or 'none'}, alarm "
@@ -72,7 +75,7 @@ def render_status(st: dict[str, Any], url: str) -> str:
         rows.append([
             cam,
             "-" if c.get("fps") is None else f"{c['fps']:.2f}",
-            "-" if c.get("coverage") is None else f"{100 * c['coverage']:.1f}%",
+            fmt_coverage(c.get("coverage")),
             str(c.get("captured", "-")), str(c.get("inspected", "-")), str(c.get("dropped", "-")),
             f"{lat['p50']:.0f}/{lat['p99']:.0f} ms" if "p50" in lat and "p99" in lat else "-",
             str(c.get("events", "-")),

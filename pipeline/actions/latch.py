@@ -296,3 +296,32 @@ def read_view(folder: Path | str) -> dict[str, Any]:
             events += [{"id": int(i), "camera": cam, "action": action} for i in sorted(ids, key=int)]
     return {**view, "exists": True, "events": events, "latch_seq": state.get("latch_seq"),
             "acks": state.get("acks") or [], "written": state.get("written")}
+
+
+def current_latch(view: dict[str, Any], live: dict[str, Any] | None = None,
+                  index: dict[str, list[str]] | None = None, index_events: list[dict[str, Any]] | None = None,
+                  ) -> dict[str, Any]:
+    """The latch to show (API, page, CLI): ``{"stop", "alarm", "latched", "events", "source"}`` from the
+    latch file (``view``: :func:`read_view`; rewritten on every change, so the freshest) while it is
+    whole and being written; else the running action runner's (``live``: its stats); else the index's
+    (``index``: ``Store.latched()``, ``index_events``: ``Store.latched_events()``). An unreadable latch
+    file shows a stop of unknown origin (``*``), as the runner treats it."""
+    written = live is None or bool((live.get("latch_file") or {"ok": True}).get("ok", True))
+    if view.get("exists") and view.get("ok") and written:
+        stop, alarm, events, source = view["stop"], view["alarm"], view["events"], "latch file"
+    elif live and isinstance(live.get("latched_events"), dict):
+        le = live["latched_events"]
+        events = [{"id": int(i), "camera": cam, "action": a} for a in ("stop", "alarm")
+                  for cam, ids in sorted((le.get(a) or {}).items()) for i in ids]
+        stop, alarm, source = sorted(le.get("stop") or {}), sorted(le.get("alarm") or {}), "daemon"
+    elif view.get("exists"):  # unreadable: latched, plus whatever the index holds
+        idx = index or {"stop": [], "alarm": []}
+        stop, alarm = sorted({UNKNOWN_CAMERA, *idx["stop"]}), sorted(idx["alarm"])
+        events = [{"id": 0, "camera": UNKNOWN_CAMERA, "action": "stop"}, *(index_events or [])]
+        source = "latch file (unreadable)"
+    elif index is not None:
+        stop, alarm, events, source = index["stop"], index["alarm"], list(index_events or []), "index"
+    else:
+        stop, alarm, events, source = [], [], [], "none"
+    return {"stop": list(stop), "alarm": list(alarm), "latched": bool(stop or alarm), "events": events,
+            "source": source}

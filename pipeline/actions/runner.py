@@ -263,7 +263,11 @@ class ActionRunner:
             except (StoreError, sqlite3.Error) as e:
                 log.error("cannot read the latch from the store's index: the latch file and the PLC's stop output "
                           "decide", error=str(e), latch_file=state is not None)
-        low = min([i for cams in self.latch.values() for ids in cams.values() for i in ids] + [0])
+        known = [i for cams in self.latch.values() for ids in cams.values() for i in ids]
+        known += [i for a in self.acks_log for i in a["released"]]
+        if self.store is not None:
+            self.store.raise_id_floor(max(known, default=0))
+        low = min([*known, 0])
         self._local_ids = itertools.count(min(-1, low - 1), -1)  # never an id of a restored latch entry
         if any(self.latch.values()) or self.pending:
             log.warning("latch restored", stop=sorted(self.latch["stop"]), alarm=sorted(self.latch["alarm"]),
@@ -313,7 +317,9 @@ class ActionRunner:
             if int(ev["id"]) in self.latch.get(ev["action"], {}).get(ev["camera"], {}):
                 self.pending.append(Job("event", ev["action"], ev["camera"], event_id=int(ev["id"]),
                                         env=event_env(ev.get("record", {})), restored=True))
-        if not have_file:
+        # the index's proof of an acknowledge whose reset did not land: without a latch file, or when the latch
+        # file's last confirmed stop output was on (the runner died between the index's ack and its own record)
+        if not have_file or self.confirmed_outputs is None or self.confirmed_outputs[0]:
             self._store_proof = self.store.release_unconfirmed()
 
     def _check_plc(self) -> None:
@@ -397,6 +403,8 @@ class ActionRunner:
         self.pending.append(job)
 
     def _latch_add(self, action: str, camera: str, event_id: int) -> None:
+        if self.store is not None and event_id > self.store.id_floor:
+            self.store.id_floor = event_id  # a new index (the old one lost) gives ids above the latched ones
         ids = self.latch[action].setdefault(camera, {})
         if event_id not in ids:
             self.latch_seq += 1
@@ -445,7 +453,8 @@ class ActionRunner:
             self.release_unsaved = True
         self.acks_log.append({"token": job.ack_token, "ack_id": job.ack_id, "by": by, "camera": job.camera,
                               "note": note, "requested_ns": job.requested_ns or now_ns, "handled_ns": now_ns,
-                              "cleared_ns": None, "released": sorted(released), "in_store": job.ack_id is not None})
+                              "cleared_ns": None, "released": sorted(released),
+                              "in_store": job.ack_id is not None or self.store is None})  # nothing left to record
         self._trim_acks()
         self.dirty = self.driver.has_outputs
         self.file_dirty = True

@@ -13,16 +13,26 @@ Layout under the store's root (``[store] path``)::
 Crash safety. An event's row is committed (state ``writing``) before its actions run and before its
 files are written; each file is written to a temporary name and renamed into place, so a file is
 either whole or absent; the row turns ``complete`` when all files are in place. :meth:`Store.recover`
-(at the alert stage's start) deletes temporary leftovers and folders without a row, and flags rows
-whose files are missing as ``files_missing`` (the event itself - and its stop - stays true).
+(at the alert stage's start) deletes temporary leftovers and the folders of rows this index deleted,
+and flags rows whose files are missing as ``files_missing`` (the event itself - and its stop - stays
+true). Folders a lost index made (removed, corrupt, replaced) are kept, never deleted as orphans, and
+new ids start above them.
+
+An index that cannot be used (corrupt, read-only, full disk, removed or replaced while open) makes the
+store *unusable* or *degraded* (:attr:`Store.problem`), never silently wrong: every query checks that
+the index file is the one opened, and the index is opened again every :data:`REOPEN_EVERY_S`. The
+latched stops do not depend on it: the action runner keeps them in its own latch file
+(:mod:`knitwatch.pipeline.actions.latch`) and holds events in memory until the store takes them.
 
 Retention (:meth:`Store.enforce_retention`): events older than ``retention_days`` and, while the
 total size exceeds ``max_gb``, the oldest events are deleted - never events marked *keep*, and never
-stop/alarm events still waiting for their acknowledge (their latch lives in this index).
+stop/alarm events still waiting for their acknowledge.
 
 Acknowledges (:meth:`Store.request_ack`) are rows in ``acks`` written by whoever acknowledges (the
 ``knitwatch ack`` command, the HTTP API); the alert stage polls them, resets the latch, clears the
-stop output and records the handling in the same row. Several processes may open the store at once.
+stop output and records the handling in the same row. Acknowledges applied while the index was
+unusable (through the latch folder's mailbox) are recorded later (:meth:`Store.record_ack`).
+Several processes may open the store at once.
 Every path handed out is resolved from the index and checked to lie inside the store.
 """
 
@@ -201,6 +211,7 @@ class Store:
         self._ident: tuple[int, int] | None = None
         self._next_reopen = 0.0
         self._closed = False
+        self.id_floor = 0  # new event ids stay above this (ids of a lost index that the latch still holds)
         try:
             self._open()
         except StoreError as e:
@@ -244,6 +255,7 @@ class Store:
                 db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
                 if fresh:
                     self._adopt_folders(db, set())
+                self._apply_floor(db)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -279,6 +291,25 @@ class Store:
         log.warning("the index does not know some event folders (it was lost or replaced): they are kept, new "
                     "events get ids above them", folders=len(foreign), highest_id=top)
         return len(foreign)
+
+    def raise_id_floor(self, event_id: int) -> None:
+        """New event ids stay above ``event_id``: the latch holds it, maybe from an index that was lost,
+        and a new index must not give the same id to another event. Applied now and whenever the index
+        is opened again."""
+        self.id_floor = max(self.id_floor, event_id)
+        with contextlib.suppress(StoreError, sqlite3.Error), self._lock:
+            if self._db is not None:
+                with self._tx() as db:
+                    self._apply_floor(db)
+
+    def _apply_floor(self, db: sqlite3.Connection) -> None:
+        row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        if row is not None and int(row[0]) >= self.id_floor or row is None and self.id_floor <= 0:
+            return
+        if row is None:
+            db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('events', ?)", (self.id_floor,))
+        else:
+            db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'events'", (self.id_floor,))
 
     @staticmethod
     def _kept_ranges(db: sqlite3.Connection) -> list[list[int]]:

@@ -13,6 +13,7 @@ import pytest
 from knitwatch.config.settings import PlcConfig
 from knitwatch.pipeline.actions import ActionError, ActionRunner, BrokenDriver, Job, LogDriver, build_driver, event_env
 from knitwatch.pipeline.actions.command import CommandDriver
+from knitwatch.pipeline.actions.latch import LATCH_FILE, UNKNOWN_CAMERA, post_ack_request, read_view
 from knitwatch.pipeline.actions.modbus import ModbusDriver
 from knitwatch.pipeline.actions.simplc import SimulatedPlc
 from knitwatch.pipeline.decision.regions import Region
@@ -212,3 +213,123 @@ def test_opcua_driver_writes_nodes(tmp_path: Path) -> None:
     with pytest.raises(ActionError):
         driver.set_outputs(True, False)  # server gone
     driver.shutdown()
+
+
+# ---------------------------------------------------------------------- the latch survives restarts and faults
+
+
+def modbus_cfg(plc: SimulatedPlc) -> PlcConfig:
+    return PlcConfig(driver="modbus", port=plc.port, stop_address=0, heartbeat_address=1, timeout_s=0.5,
+                     heartbeat_s=0.1, heartbeat_idle_s=0, retry_initial_s=0.05, retry_max_s=0.2)
+
+
+def test_a_stop_the_plc_holds_stays_latched_until_acknowledged(tmp_path: Path, plc: SimulatedPlc) -> None:
+    cfg = modbus_cfg(plc)
+    before = ModbusDriver(cfg)
+    before.set_outputs(True, False)  # a stop knitwatch has no record of (its store and latch file lost)
+    before.close()
+    runner = ActionRunner(ModbusDriver(cfg), cfg, latch_dir=tmp_path).start()
+    try:
+        wait_for(lambda: runner.stats().get("latched_from_plc") == 1 and runner.stats()["pending"] == 0)
+        assert all(sample(lambda: plc.coil(0), 0.5))  # never written 0 on its own
+        assert runner.stats()["latched_cameras"]["stop"] == [UNKNOWN_CAMERA]
+        assert read_view(tmp_path)["stop"] == [UNKNOWN_CAMERA]
+        runner.acknowledge("anna", camera="c")  # one camera's acknowledge does not cover a stop of unknown origin
+        wait_for(lambda: runner.stats().get("acks") == 1)
+        assert plc.coil(0)
+        runner.acknowledge("anna")
+        wait_for(lambda: not plc.coil(0), timeout=3)
+    finally:
+        runner.stop()
+    again = ActionRunner(ModbusDriver(cfg), cfg, latch_dir=tmp_path).start()
+    try:
+        wait_for(lambda: again.stats()["plc_connected"] and again.stats()["pending"] == 0)
+        assert not any(sample(lambda: plc.coil(0), 0.3)) and not again.stats()["latched"]
+    finally:
+        again.stop()
+
+
+def test_a_corrupt_latch_file_latches_the_stop(tmp_path: Path, plc: SimulatedPlc) -> None:
+    (tmp_path / LATCH_FILE).write_text('{"knitwatch": "latch", "state": {"latch": ')  # torn
+    cfg = modbus_cfg(plc)
+    runner = ActionRunner(ModbusDriver(cfg), cfg, latch_dir=tmp_path).start()
+    try:
+        wait_for(lambda: plc.coil(0), timeout=3)  # fail safe: the stop goes on
+        s = runner.stats()
+        assert s["latch_file_corrupt"] == 1 and s["latched_cameras"]["stop"] == [UNKNOWN_CAMERA]
+        assert read_view(tmp_path)["ok"] and read_view(tmp_path)["stop"] == [UNKNOWN_CAMERA]  # written whole again
+        runner.acknowledge("anna")
+        wait_for(lambda: not plc.coil(0), timeout=3)
+    finally:
+        runner.stop()
+
+
+def test_an_acknowledge_whose_reset_did_not_land_is_applied_after_a_restart(tmp_path: Path,
+                                                                          plc: SimulatedPlc) -> None:
+    cfg = modbus_cfg(plc)
+    first = ActionRunner(ModbusDriver(cfg), cfg, latch_dir=tmp_path).start()
+    first.submit(Job("event", "stop", "c", event_id=5))
+    wait_for(lambda: plc.coil(0), timeout=3)
+    wait_for(lambda: first.stats()["pending"] == 0)
+    first.stop()
+    # acknowledged (through the mailbox) while the PLC cannot be reached; knitwatch stops before the reset lands
+    cut = ActionRunner(BrokenDriver("modbus", "PLC unreachable"), cfg, latch_dir=tmp_path).start()
+    try:
+        assert cut.stats()["latched_events"]["stop"] == {"c": [5]}
+        req = post_ack_request(tmp_path, by="anna", camera=None, note="mended", covers_seq=read_view(tmp_path)[
+            "latch_seq"])
+        wait_for(lambda: read_view(tmp_path)["stop"] == [] and cut.stats().get("acks") == 1)
+        assert any("PLC" in r for r in cut.stats()["degraded"])
+    finally:
+        cut.stop(flush_s=0)
+    assert plc.coil(0)
+    (entry,) = read_view(tmp_path)["acks"]
+    assert entry["token"] == req["token"] and entry["released"] == [5] and entry["cleared_ns"] is None
+    then = ActionRunner(ModbusDriver(cfg), cfg, latch_dir=tmp_path).start()
+    try:
+        wait_for(lambda: not plc.coil(0), timeout=3)  # the acknowledge is recorded: its reset lands now
+        assert not then.stats()["latched"] and not then.stats().get("latched_from_plc")
+    finally:
+        then.stop()
+
+
+def test_a_mailbox_acknowledge_covers_only_what_was_latched_when_it_was_asked(tmp_path: Path) -> None:
+    runner = ActionRunner(LogDriver(), latch_dir=tmp_path).start()
+    try:
+        runner.submit(Job("event", "stop", "a", event_id=1))
+        wait_for(lambda: read_view(tmp_path)["latch_seq"] == 1)
+        seen = read_view(tmp_path)["latch_seq"]
+        runner.submit(Job("event", "alarm", "b", event_id=2))  # latched after the operator looked
+        wait_for(lambda: read_view(tmp_path)["latch_seq"] == 2)
+        post_ack_request(tmp_path, by="bob", camera=None, note="", covers_seq=seen)
+        wait_for(lambda: runner.stats().get("acks") == 1)
+        assert runner.stats()["latched_events"] == {"stop": {}, "alarm": {"b": [2]}}
+        post_ack_request(tmp_path, by="bob", camera="b", note="", covers_seq=None)
+        wait_for(lambda: not read_view(tmp_path)["alarm"])
+        assert [a["released"] for a in read_view(tmp_path)["acks"]] == [[1], [2]]
+    finally:
+        runner.stop()
+
+
+def test_an_acknowledge_the_index_holds_is_proof_after_a_restart(tmp_path: Path, plc: SimulatedPlc) -> None:
+    from knitwatch.config.settings import StoreConfig
+    from knitwatch.pipeline.store.database import Store
+
+    cfg = modbus_cfg(plc)
+    store = Store.from_config(StoreConfig(path=tmp_path, fsync=False))
+    eid = store.add_event({}, camera="c", t_wall_ns=1, seq=1, severity="major", action="stop", image_score=2.0,
+                          max_area_px=600)
+    first = ActionRunner(ModbusDriver(cfg), cfg, store=store, latch_dir=tmp_path).start()
+    first.submit(Job("event", "stop", "c", event_id=eid))
+    wait_for(lambda: plc.coil(0) and first.stats()["pending"] == 0, timeout=3)
+    first.stop()
+    # the index took the acknowledge, then knitwatch died before its latch file and the PLC followed
+    store.apply_ack(store.request_ack("anna"))
+    assert read_view(tmp_path)["stop"] == ["c"] and plc.coil(0)
+    then = ActionRunner(ModbusDriver(cfg), cfg, store=store, latch_dir=tmp_path).start()
+    try:
+        wait_for(lambda: not plc.coil(0), timeout=3)
+        assert not then.stats()["latched"] and not then.stats().get("latched_from_plc")
+    finally:
+        then.stop()
+        store.close()

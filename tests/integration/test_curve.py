@@ -211,9 +211,11 @@ def test_only_authorised_workers_get_tiles_and_send_results(tmp_path: Path, plc:
         frame = np.random.default_rng(1).integers(0, 255, (TILE, 2 * TILE), dtype=np.uint8)
         wire.send(capture, "frame", {"cam": "c", "seq": 0, "epoch": 1, "t_wall_ns": time.time_ns(),
                                      "t_mono_ns": time.monotonic_ns()}, [frame])
-        t = tiler.wait_stats(lambda s: s.get("links_refused", 0) >= 1 and s.get("waiting_frames") == 1)
+        # refused: the unknown key by the authenticator, the keyless peer at the handshake
+        t = tiler.wait_stats(lambda s: s.get("links_refused", 0) >= 1 and s.get("links_failed", 0) >= 1
+                             and s.get("waiting_frames") == 1)
         assert t["workers"] == 0 and t.get("sent", 0) == 0  # no rogue credit counted
-        a = alert.wait_stats(lambda s: s.get("links_refused", 0) >= 1)
+        a = alert.wait_stats(lambda s: s.get("links_refused", 0) >= 1 and s.get("links_failed", 0) >= 1)
         assert a.get("inspected", 0) == 0 and a.get("bad_messages", 0) == 0
         assert not plc.coil(0)
         assert not plain_dealer.poll(500) and not rogue_dealer.poll(0), "a rogue peer received tiles"

@@ -27,6 +27,7 @@ import zmq
 
 from knitwatch.config.settings import AlertConfig, CameraConfig, PlcConfig, SeverityClassConfig, StoreConfig
 from knitwatch.pipeline import wire
+from knitwatch.pipeline.actions import ActionRunner, Job, LogDriver
 from knitwatch.pipeline.actions.latch import (
     LATCH_FILE,
     MAILBOX_FILE,
@@ -354,3 +355,58 @@ def test_a_torn_latch_file_reads_as_latched(tmp_path: Path) -> None:
     with pytest.raises(LatchFileError):
         take_ack_requests(tmp_path)
     assert take_ack_requests(tmp_path) == []  # emptied after the report
+
+
+# ---------------------------------------------------------------------- health and the API without the index
+
+
+def test_health_api_and_page_show_the_latch_and_take_the_ack_without_the_index(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from knitwatch.config import Settings
+    from knitwatch.daemon.api.app import create_app
+    from knitwatch.daemon.api.deps import StaticView
+    from knitwatch.daemon.supervisor import Supervisor
+
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "events.sqlite3").write_bytes(b"not an SQLite database\n" * 300)
+    settings = Settings(cameras=[CameraConfig(id="c")], store=StoreConfig(path=root, fsync=False))
+    store = Store.from_config(settings.store, degraded_ok=True)
+    runner = ActionRunner(LogDriver(), store=store, latch_dir=root, ack_poll_s=0.05).start()
+    try:
+        eid = runner.local_event_id()
+        runner.hold_event({"event_id": eid, "camera": "c"}, {"camera": "c", "t_wall_ns": time.time_ns(), "seq": 3,
+                                                             "severity": "major", "action": "stop", "image_score": 2.0,
+                                                             "max_area_px": 600})
+        runner.submit(Job("event", "stop", "c", event_id=eid))
+        wait_for(lambda: read_view(root)["stop"] == ["c"] and bool(runner.stats()["degraded"]))
+        # the supervisor's health carries the action runner's reasons (as the alert stage's heartbeat brings them)
+        sup = Supervisor(settings, checkpoint={"path": "m.ckpt", "thresholds": {"image": 1.0}, "preprocess": {}},
+                         run_dir=tmp_path / "run")
+        sup.procs["alert"].stats = {"actions": runner.stats()}
+        sup._update_health()
+        reasons = sup.health()["degraded"]
+        assert reasons == runner.stats()["degraded"] and any("not a database" in r for r in reasons)
+        snapshot = {"ready": True, "stages": {"alert": {"actions": runner.stats()}}}
+        http = TestClient(create_app(settings, StaticView(snapshot, healthy=True, degraded=reasons)),
+                          base_url="http://127.0.0.1:8080")
+        r = http.get("/healthz")
+        assert r.status_code == 503 and r.json()["status"] == "degraded" and r.json()["degraded"] == reasons
+        assert str(root) not in r.text
+        alarm = http.get("/api/alarm").json()
+        assert alarm["stop"] == ["c"] and alarm["latched"] and alarm["source"] == "latch file"
+        assert alarm["events"] == [{"id": eid, "camera": "c", "action": "stop"}]
+        st = http.get("/api/stats").json()
+        assert st["alarm"]["stop"] == ["c"] and st["cameras"]["c"]["latched"]["stop"] and st["degraded"] == reasons
+        text = http.get("/metrics").text
+        assert 'knitwatch_alarm_latched{action="stop",camera="c"} 1.0' in text
+        assert 'knitwatch_degraded{part="store"} 1.0' in text and "knitwatch_healthy 0.0" in text
+        r = http.post("/api/alarm/ack?wait=10", json={"by": "anna", "note": "from the page"})
+        body = r.json()
+        assert r.status_code == 200 and body["ack_id"] is None and body["ack_token"] and body["cleared"]
+        assert body["latched_before"] == {"stop": ["c"], "alarm": []}
+        assert body["latched"] == {"stop": [], "alarm": []} and not runner.stats()["latched"]
+    finally:
+        runner.stop()
+        store.close()

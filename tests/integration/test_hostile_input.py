@@ -85,9 +85,7 @@ def test_supervisor_counts_and_drops_bad_control_messages(tmp_path: Path) -> Non
         ]
         for parts in bad:
             push.send_multipart(parts)
-        deadline = time.monotonic() + 10
-        while sum(sup.bad_control.values()) < len(bad) and time.monotonic() < deadline:
-            sup._collect(ctl, 200)
+        sup._collect(ctl, 1500)  # the main loop's read of the control socket (on main: TypeError out of it)
         assert sup.bad_control == {"heartbeat.stage": 2, "heartbeat.pid": 1, "heartbeat.stats": 3,
                                    "heartbeat.unknown_stage": 1, "unexpected.credit": 1, "json": 1, "version": 1,
                                    "frame.bufs": 1, "kind": 1}

@@ -11,6 +11,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from knitwatch.daemon.api.deps import DaemonView, StoreHandle, get_cameras, get_stores, get_view
+from knitwatch.daemon.api.routes.alarm import latch_now
 from knitwatch.daemon.api.routes.events import event_summary
 from knitwatch.daemon.api.security import require_token
 from knitwatch.pipeline.store.database import StoreError, iso_utc
@@ -22,9 +23,11 @@ protected = [Depends(require_token)]
 @router.get("/healthz")
 def healthz(request: Request, view: DaemonView = Depends(get_view)) -> JSONResponse:
     h = view.health()
-    body = {"status": "ok" if h.get("healthy") else "unhealthy", **h}
+    # degraded (PLC unreachable, store unusable ...: the reasons in "degraded") answers 503 as well
+    state = "unhealthy" if not h.get("healthy") else "degraded" if h.get("degraded") else "ok"
+    body = {"status": state, **h}
     answer: type[JSONResponse] = request.app.state.json_response
-    return answer(body, status_code=200 if h.get("healthy") else 503)
+    return answer(body, status_code=200 if state == "ok" else 503)
 
 
 @router.get("/metrics", dependencies=protected)
@@ -33,18 +36,17 @@ def metrics(request: Request) -> Response:
 
 
 @router.get("/api/stats", dependencies=protected)
-def stats(view: DaemonView = Depends(get_view), stores: StoreHandle = Depends(get_stores),
+def stats(request: Request, view: DaemonView = Depends(get_view), stores: StoreHandle = Depends(get_stores),
           cameras: list[str] = Depends(get_cameras)) -> dict[str, Any]:
     snap = dict(view.stats_snapshot() or {})
     health = view.health()
     cams_snap = snap.get("cameras") or {}
     store = stores.peek()
-    latched: dict[str, list[str]] = {"stop": [], "alarm": []}
     store_stats: dict[str, Any] | None = None
     last: dict[str, Any] = {}
+    latched = latch_now(request.app.state.latch_dir, view, store)  # the latch file's, right without the index
     if store is not None:
         try:
-            latched = store.latched()
             store_stats = store.stats()
             for cam in cameras:
                 items = store.list_events(camera=cam, limit=1)["items"]
@@ -62,7 +64,8 @@ def stats(view: DaemonView = Depends(get_view), stores: StoreHandle = Depends(ge
         cameras=out_cams,
         healthy=bool(health.get("healthy")),
         ready=bool(health.get("ready")),
-        alarm={**latched, "latched": bool(latched.get("stop") or latched.get("alarm"))},
+        degraded=list(health.get("degraded") or []),
+        alarm=latched,
         store=store_stats,
         time=iso_utc(time.time_ns()),
     )

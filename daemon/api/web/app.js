@@ -139,9 +139,11 @@ function renderHealth(st) {
   let cls = "pill-ok", text = "inspecting", s = "healthy";
   if (!st.ready) { cls = "pill-warn"; text = "starting"; s = "starting"; }
   else if (!st.healthy) { cls = "pill-stop"; text = "not healthy"; s = "unhealthy"; }
+  else if ((st.degraded || []).length) { cls = "pill-warn"; text = "degraded"; s = "degraded"; }
   h.className = `pill ${cls}`;
   h.dataset.state = s;
   h.textContent = text;
+  h.title = (st.degraded || []).join("\n");
 }
 
 function renderAlarm(st) {

@@ -99,3 +99,77 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
         load_settings(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(write(tmp_path, "[api\nport = 1\n"))
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[store]\nretention_days = inf\n", "store.retention_days"),  # on main: the alert stage crash-looped
+    ("[store]\nmax_gb = inf\n", "store.max_gb"),
+    ("[alert]\npixel_threshold = nan\n", "alert.pixel_threshold"),  # on main: nothing detected, health green
+    ("[alert]\nimage_threshold = -inf\n", "alert.image_threshold"),
+    ("[[cameras]]\nid = 'a'\npixel_threshold = nan\n", "cameras.0.pixel_threshold"),
+    ("[daemon]\nstall_s = inf\n", "daemon.stall_s"),
+    ("[inference]\nmax_wait_ms = nan\n", "inference.max_wait_ms"),
+])
+def test_non_finite_numbers_are_named_errors(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_settings(write(tmp_path, text))
+    (problem,) = ei.value.problems
+    assert problem.key == key
+    assert "finite" in problem.message
+
+
+def test_every_float_setting_rejects_inf_and_nan() -> None:
+    """No float setting of any section takes inf or nan (one rule for all, present and future)."""
+    import math
+
+    from pydantic import BaseModel, ValidationError
+
+    from knitwatch.config import settings as mod
+
+    sections = [c for c in vars(mod).values()
+                if isinstance(c, type) and issubclass(c, mod.Section) and c is not mod.Section]
+    checked = 0
+    for cls in sections:
+        for name, field in cls.model_fields.items():
+            if "float" not in str(field.annotation):
+                continue
+            for bad in (math.inf, -math.inf, math.nan):
+                with pytest.raises(ValidationError, match="finite"):
+                    cls.__pydantic_validator__.validate_assignment(cls.model_construct(), name, bad)
+                checked += 1
+    assert checked >= 3 * 20
+    assert all(issubclass(c, BaseModel) for c in sections)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("KNITWATCH_CAMERAS", "x"),  # on main: a traceback and exit 1
+    ("KNITWATCH_API", "{not json"),
+    ("KNITWATCH_ALERT__SEVERITY", "x"),
+])
+def test_unparsable_env_value_is_a_named_error(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as ei:
+        load_settings(None, use_default_path=False)
+    (problem,) = ei.value.problems
+    assert name in problem.source and problem.value == value
+    assert "JSON" in problem.message
+
+
+def test_inf_from_env_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KNITWATCH_STORE__MAX_GB", "inf")
+    with pytest.raises(ConfigError) as ei:
+        load_settings(None, use_default_path=False)
+    (problem,) = ei.value.problems
+    assert problem.key == "store.max_gb" and "KNITWATCH_STORE__MAX_GB" in problem.source
+
+
+@pytest.mark.parametrize("env", [{"KNITWATCH_CAMERAS": "x"}, {"KNITWATCH_ALERT__PIXEL_THRESHOLD": "nan"},
+                                 {"KNITWATCH_STORE__RETENTION_DAYS": "inf"}])
+def test_config_check_names_a_bad_env_variable_and_exits_2(env: dict[str, str]) -> None:
+    """`knitwatch config check` as a user runs it; on main KNITWATCH_CAMERAS=x ended in a traceback, exit 1."""
+    from tests.helpers.cli import knitwatch
+
+    r = knitwatch("config", "check", env=env, timeout=120)
+    (name,) = env
+    assert r.returncode == 2, r.stderr
+    assert name in r.stderr and "Traceback" not in r.stderr

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from knitwatch.config.settings import StoreConfig
-from knitwatch.pipeline.store.database import FILE_KINDS, RECORD_FILE, Store
+from knitwatch.pipeline.store import database
+from knitwatch.pipeline.store.database import FILE_KINDS, RECORD_FILE, Store, StoreError
 
 DAY_NS = 86_400 * 10**9
 
@@ -261,3 +262,68 @@ def test_full_disk_is_reported_and_inspection_goes_on(tmp_path: Path) -> None:
     assert store.get_event(out["big"][0])["state"] == "files_missing"
     assert store.get_event(out["small"][0])["state"] == "complete"
     assert list((tmp_path / "events").rglob("*.tmp")) == []
+
+
+# ---------------------------------------------------------------------- an unusable index
+
+
+def test_a_corrupt_index_degrades_the_store_until_it_is_replaced(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(database, "REOPEN_EVERY_S", 0.0)
+    cfg = StoreConfig(path=tmp_path, fsync=False)
+    store = Store.from_config(cfg)
+    old = add(store)
+    store.close()
+    index = tmp_path / "events.sqlite3"
+    index.write_bytes(b"not a database at all\n" * 300)
+    for side in ("-wal", "-shm"):
+        Path(f"{index}{side}").unlink(missing_ok=True)
+    with pytest.raises(StoreError, match="not a database"):
+        Store.from_config(cfg)
+    store = Store.from_config(cfg, degraded_ok=True)
+    assert not store.usable and "not a database" in store.problem and str(tmp_path) not in store.problem
+    with pytest.raises(StoreError):
+        add(store, files=False)
+    assert not store.write_files(1, images())  # never raises: the caller goes on
+    assert store.enforce_retention() == {"deleted": 0, "freed_bytes": 0}
+    assert store.stats()["events"] == -1 and not store.stats()["usable"]
+    assert not store.check()
+    index.rename(tmp_path / "events.sqlite3.broken")  # the operator moves it aside: a new index starts
+    assert store.check() and store.usable and store.problem == ""
+    new = add(store)
+    assert new > old  # the new index never gives an id of the lost one's pictures
+    assert store.recover() == {"unindexed_folders_kept": 1}  # and never deletes them as orphans
+    (kept,) = (tmp_path / "events").glob(f"*/{old:08d}")
+    assert (kept / "frame.png").is_file()
+
+
+def test_an_index_removed_while_open_is_not_written_blindly(tmp_path: Path) -> None:
+    cfg = StoreConfig(path=tmp_path, fsync=False)
+    store = Store.from_config(cfg)
+    first = add(store)
+    for name in ("events.sqlite3", "events.sqlite3-wal", "events.sqlite3-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    store.raise_id_floor(41)  # the latch holds id 41 of the lost index
+    second = add(store)  # noticed: a new index takes it (the removed file would have swallowed it)
+    assert store.errors["index_lost"] == 1 and second == 42 > first
+    other = Store.from_config(cfg, create=False)
+    assert other.get_event(second) is not None and other.get_event(first) is None
+
+
+def test_acknowledges_applied_without_the_index_are_recorded_later(tmp_path: Path) -> None:
+    store = Store.from_config(StoreConfig(path=tmp_path, fsync=False))
+    a, b, c = (add(store, files=False, seq=i) for i in range(3))
+    ack_id = store.record_ack(by="anna", camera=None, note="via the mailbox", requested_ns=time.time_ns(),
+                              event_ids=[a, b, -3, 999], result={"confirmed": True})
+    ack = store.get_ack(ack_id)
+    assert ack["events_acked"] == 2 and ack["handled"] and ack["cleared"] and ack["by"] == "anna"
+    assert store.acknowledged_ids([a, b, c]) == {a, b}
+    assert [e["id"] for e in store.latched_events()] == [c]
+    assert store.release_unconfirmed() is None  # a stop is still latched in the index
+    store.mark_acked([c], ack_id)
+    assert store.latched_events() == []
+    pending = store.request_ack("bob")
+    store.apply_ack(pending)
+    assert store.release_unconfirmed()["id"] == pending  # applied, its reset never confirmed
+    store.ack_cleared(pending, {"confirmed": True})
+    assert store.release_unconfirmed() is None
