@@ -38,7 +38,6 @@ INT_MAX = 2**63 - 1
 MAX_SIDE = 16384  # the largest camera side the settings allow
 MAX_TILES = 1 << 20
 CAMERA_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")  # the settings' camera id pattern
-STAGE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
 class SchemaError(ValueError):
@@ -134,9 +133,15 @@ def number_map(v: Any) -> str | None:  # noqa: ANN401 - {"p50": 1.2, ...}
     return None
 
 
-#: the position of the fabric in the frame (added by capture when it knows it)
-POS = fields({"rev": integer(), "offset_px": number(), "circumference_px": nullable(number(0, lo_open=True)),
-              "source": string(max_len=64), "ok": boolean})
+def real(v: Any) -> str | None:  # noqa: ANN401 - a JSON number of any value (the receiver judges it)
+    return None if type(v) in (int, float) else f"must be a number, got {type(v).__name__} {_show(v)}"
+
+
+#: the position of the fabric in the frame (added by capture): types only - a position the alert
+#: stage cannot use (not ok, not finite) is its to judge (it tracks in frame coordinates then), and
+#: must never cost the frame its inspection
+POS = fields({"rev": integer(-INT_MAX), "offset_px": real, "circumference_px": nullable(real),
+              "source": string(max_len=64), "ok": boolean, "cutline_px": nullable(real)})
 
 FRAME_FIELDS: dict[str, Check] = {
     "cam": string(CAMERA_ID),
@@ -150,7 +155,7 @@ FRAME_FIELDS: dict[str, Check] = {
 TILES_FIELDS: dict[str, Check] = {
     **FRAME_FIELDS,
     "t_tiled_ns": integer(),
-    "scale": nullable(number(0.0, 1e6, lo_open=True)),
+    "scale": nullable(real),  # for information: nobody computes with it
     "grid": obj,  # checked with the buffers (check_grid)
 }
 RESULT_FIELDS: dict[str, Check] = {
@@ -160,7 +165,7 @@ RESULT_FIELDS: dict[str, Check] = {
     "t_infer_ns": integer(),
     "model_ms": number(0.0),
     "batch_tiles": integer(0, MAX_TILES),
-    "worker": string(STAGE_NAME),
+    "worker": string(max_len=128),  # a remote worker's --name: free text
 }
 del RESULT_FIELDS["grid"]
 
@@ -175,13 +180,13 @@ STATS_FIELDS: dict[str, Check] = {
     "bad_messages": integer(),
     "cameras": lambda v: _map_of(v, CAMERA_STATS),
     "model_ms": number_map,
-    "actions": obj,
-    "store": obj,
+    "actions": nullable(obj),
+    "store": nullable(obj),
     # the supervisor's own keys next to a stage's stats: a stage never sends them, nor may a forger
     "pid": integer(), "alive": boolean, "restarts": integer(), "last_heartbeat_s": number(),
 }
 HEARTBEAT_FIELDS: dict[str, Check] = {
-    "stage": string(STAGE_NAME),
+    "stage": string(max_len=128),
     "pid": integer(1, 1 << 22),
     "stats": fields(STATS_FIELDS),
 }

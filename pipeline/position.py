@@ -338,7 +338,8 @@ class _Displacement:
         self.shape: tuple[int, int] | None = None
         self.u = 0.0
         self.steps: collections.deque[float] = collections.deque(maxlen=16)  # measured px per frame
-        self.ref: tuple[np.ndarray, float, int] | None = None  # last good spectrum, its u and frame number
+        self.ref: tuple[np.ndarray, float, int] | None = None  # reference spectrum, its u and frame number
+        self.ref_good = False  # the reference was measured (else: carried on, e.g. after a long outage)
         self.frames = 0
         self.measured = 0
         self.weak = 0
@@ -368,7 +369,7 @@ class _Displacement:
             if not measured:
                 self.u += self.v
                 self.weak += 1
-            self.ref = (spec, self.u, self.frames)
+            self.ref, self.ref_good = (spec, self.u, self.frames), measured
             return measured, profile
         ref_spec, ref_u, ref_frame = self.ref
         dx, _dy, peak = self.tracker.shift(ref_spec, spec)
@@ -379,13 +380,13 @@ class _Displacement:
         if peak >= self.cfg.min_peak:
             self.u = ref_u + dx
             self.steps.append(dx / (self.frames - ref_frame))
-            self.ref = (spec, self.u, self.frames)
+            self.ref, self.ref_good = (spec, self.u, self.frames), True
             self.measured += 1
             return True, profile
         self.weak += 1
         self.u = predicted
-        if abs(self.u - ref_u) > 0.35 * w:  # no overlap left with the reference: start afresh
-            self.ref = (spec, self.u, self.frames)
+        if not self.ref_good or abs(self.u - ref_u) > 0.35 * w:  # no good reference in view: this one
+            self.ref, self.ref_good = (spec, self.u, self.frames), False
         return False, profile
 
 
@@ -588,7 +589,7 @@ class RegisterReader:
     def _registers(self, address: int, count: int) -> list[int]:
         rr = self.client.read_holding_registers(address, count=count, device_id=self.cfg.unit_id)
         if rr is None or rr.isError():
-            raise OSError(f"PLC {self.cfg.host}:{self.cfg.port} refused to read register {address}: {rr}")
+            raise OSError(f"refused to read holding register {address}: {rr}")
         return [int(v) for v in rr.registers]
 
     def read_once(self) -> bool:
@@ -598,16 +599,17 @@ class RegisterReader:
         cfg = self.cfg
         try:
             if not self.client.connected and not self.client.connect():
-                raise OSError(f"cannot connect to the PLC at {cfg.host}:{cfg.port}")
+                raise OSError("cannot connect")
             words = self._registers(cfg.revolution_register, cfg.revolution_words)
             counter = words[0] if len(words) == 1 else (words[0] << 16) | words[1]
             angle = self._registers(cfg.angle_register, 1)[0] if cfg.angle_register is not None else None
         except (ModbusException, OSError, AttributeError, IndexError) as e:
             self.client.close()
             self.failures += 1
-            if str(e) != self.error:
-                log.warning("position: PLC read failed", error=str(e), failures=self.failures)
-            self.error = str(e)
+            error = f"PLC {cfg.host}:{cfg.port}: {e}"
+            if error != self.error:  # logged when it changes, counted always
+                log.warning("position: PLC read failed", error=error, failures=self.failures)
+            self.error = error
             return False
         with self._lock:
             self._latest = (counter, angle, time.monotonic())

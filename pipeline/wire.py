@@ -70,10 +70,6 @@ def encode(kind: str, header: dict[str, Any], arrays: Sequence[np.ndarray] = ())
     return [json.dumps(head, separators=(",", ":")).encode(), *parts]
 
 
-def _reject_constant(name: str) -> Any:  # noqa: ANN401 - json's parse_constant hook
-    raise ValueError(f"{name} is not a finite number")
-
-
 def _short(value: Any) -> str:  # noqa: ANN401 - any JSON value, for a message
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -94,7 +90,7 @@ def _decode(parts: list[Any]) -> Message:
     if len(raw) > _MAX_HEADER:
         raise WireError(f"header of {len(raw)} bytes is too large", "header_size")
     try:
-        head = json.loads(bytes(raw), parse_constant=_reject_constant)
+        head = json.loads(bytes(raw))  # NaN/Infinity parse: typed fields reject them
     except (UnicodeDecodeError, ValueError) as e:
         raise WireError(f"header is not JSON: {str(e)[:200]}", "json") from None
     if not isinstance(head, dict):

@@ -22,7 +22,7 @@ import numpy as np
 from knitwatch.config import Settings
 from knitwatch.config.settings import CameraConfig, PositionConfig, SimulatorConfig
 from knitwatch.daemon.bench.pipeline import add_run_options, run_daemon
-from knitwatch.daemon.cli.common import CliError, checkpoint_summary, table, write_report
+from knitwatch.daemon.cli.common import EXIT_FAIL, CliError, checkpoint_summary, table, write_report
 from knitwatch.daemon.cli.demo import DEMO_H, DEMO_REV, DEMO_SPEED, DEMO_TILE, DEMO_W
 from knitwatch.daemon.logs import setup_logging
 
@@ -210,6 +210,13 @@ def cmd_bench_detection(args: argparse.Namespace) -> int:
         raise CliError(f"checkpoint not found: {args.checkpoint}")
     setup_logging("bench", level="WARNING", fmt=args.log_format or "auto")
     work = args.workdir
+    try:  # the store, the decisions and the model go there: a missing folder is made, a bad one named
+        work.mkdir(parents=True, exist_ok=True)
+        probe = work / ".knitwatch-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise CliError(f"--workdir {work}: cannot create or write it ({e.strerror or e})") from None
     ckpt_path = args.checkpoint or work / "model.ckpt"
     if not ckpt_path.is_file():
         sys.stderr.write(f"training the demo model ({args.steps} steps) into {ckpt_path} ...\n")
@@ -234,8 +241,10 @@ def cmd_bench_detection(args: argparse.Namespace) -> int:
                      f"{len(defects)} scheduled defects, position source {args.position} ...\n")
     snap = run_daemon(settings, ckpt, seconds, "json")
     rows = [json.loads(line) for line in decisions.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise CliError("the daemon inspected no frames (see its log above)", EXIT_FAIL)
     report = detection_report(rows, fps=args.fps, min_area_px=settings.alert.min_area_px,
-                              after=settings.alert.confirm_n)
+                              after=settings.alert.confirm_n, pass_gap=DEMO_REV // 2)
     cam = snap["cameras"]["bench"]
     alert_cam = (snap.get("stages", {}).get("alert", {}).get("cameras") or {}).get("bench", {})
     report.update(coverage=cam.get("coverage"), fps=args.fps, position=args.position,

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+import cv2
 import numpy as np
 
 from knitwatch.config.settings import PositionConfig
@@ -59,6 +60,7 @@ def run_position_bench(*, width: int, height: int, speed: float, revolution_fram
     was_visible = False
     sim_ms: list[float] = []
     est_ms: list[float] = []
+    est_cpu_ms: list[float] = []
     not_ok = 0
     pos: dict[str, Any] = {}
     truth_rev = 0
@@ -69,9 +71,10 @@ def run_position_bench(*, width: int, height: int, speed: float, revolution_fram
         sim_ms.append((time.perf_counter() - t0) * 1000.0)
         if i in black:
             img = np.zeros_like(img)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         pos = est.update(img, None)
         est_ms.append((time.perf_counter() - t0) * 1000.0)
+        est_cpu_ms.append((time.process_time() - c0) * 1000.0)
         if truth.cutline_visible and not was_visible:
             true_passes += 1
         was_visible = truth.cutline_visible
@@ -114,12 +117,17 @@ def run_position_bench(*, width: int, height: int, speed: float, revolution_fram
         "pitch_px_measured": st["pitch_px"],
         "estimator_ms_per_frame": {"mean": round(float(np.mean(est_ms)), 3),
                                    "p50": round(float(np.percentile(est_ms, 50)), 3),
-                                   "p99": round(float(np.percentile(est_ms, 99)), 3)},
+                                   "p99": round(float(np.percentile(est_ms, 99)), 3),
+                                   "cpu_mean": round(float(np.mean(est_cpu_ms)), 3)},
         "simulator_ms_per_frame": round(float(np.mean(sim_ms)), 2),
     }
 
 
 def cmd_bench_position(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    if args.revolutions < 1:
+        raise CliError(f"--revolutions {args.revolutions}: at least 1")
     if args.frames is None:
         args.frames = args.revolutions * args.revolution_frames
     for name in ("width", "height", "revolution_frames", "frames"):
@@ -127,20 +135,30 @@ def cmd_bench_position(args: argparse.Namespace) -> int:
             raise CliError(f"--{name.replace('_', '-')} {getattr(args, name)}: too small")
     if not 0 < args.speed < args.width / 2:
         raise CliError(f"--speed {args.speed}: must be above 0 and below half the width ({args.width / 2:g})")
-    if args.needle_line is not None and args.needle_line < 0:
-        raise CliError(f"--needle-line {args.needle_line}: a frame number >= 0")
+    if args.needle_line < -1:
+        raise CliError(f"--needle-line {args.needle_line}: a frame number >= 0, or -1 for none")
+    needle_line = None if args.needle_line == -1 else args.needle_line
     if args.blackout < 0 or args.random_defects < 0 or args.noise < 0 or args.lighting_drift < 0:
         raise CliError("--blackout, --random-defects, --noise and --lighting-drift must not be negative")
     if not 2.0 <= args.pitch <= 64.0:
         raise CliError(f"--pitch {args.pitch}: must be within 2 .. 64")
-    cfg = PositionConfig(source="image", min_peak=args.min_peak)
+    try:
+        cfg = PositionConfig(source="image", min_peak=args.min_peak)
+    except ValidationError as e:
+        raise CliError(f"--min-peak {args.min_peak}: {e.errors()[0]['msg']}") from None
     sys.stderr.write(f"position bench: {args.frames} frames ({args.frames / args.revolution_frames:g} revolutions) "
                      f"of {args.width}x{args.height} simulated fabric...\n")
-    report = run_position_bench(width=args.width, height=args.height, speed=args.speed,
-                                revolution_frames=args.revolution_frames, frames=args.frames, texture=args.texture,
-                                pitch=args.pitch, seed=args.seed, noise=args.noise, lighting_drift=args.lighting_drift,
-                                needle_line=args.needle_line, random_defects=args.random_defects,
-                                blackout=args.blackout, cfg=cfg, progress=not args.json)
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # the cost on one core (as the camera's process would see it on a busy machine)
+    try:
+        report = run_position_bench(width=args.width, height=args.height, speed=args.speed,
+                                    revolution_frames=args.revolution_frames, frames=args.frames,
+                                    texture=args.texture, pitch=args.pitch, seed=args.seed, noise=args.noise,
+                                    lighting_drift=args.lighting_drift, needle_line=needle_line,
+                                    random_defects=args.random_defects,
+                                    blackout=args.blackout, cfg=cfg, progress=not args.json)
+    finally:
+        cv2.setNumThreads(threads)
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
@@ -177,10 +195,4 @@ def register(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-peak", type=float, default=PositionConfig().min_peak,
                    help="correlation peak below which a frame is not measured (default: the setting's)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=_cmd)
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    if args.needle_line == -1:
-        args.needle_line = None
-    return cmd_bench_position(args)
+    p.set_defaults(func=cmd_bench_position)

@@ -176,7 +176,7 @@ def _check_plc(settings: Any) -> Check:  # noqa: ANN401
 
 
 def _check_store(settings: Any) -> Check:  # noqa: ANN401
-    from knitwatch.pipeline.store.database import Store, StoreError
+    from knitwatch.pipeline.store.database import DB_NAME, Store, StoreError
 
     path = Path(settings.store.path)
     limit = settings.store.max_gb * 1e9
@@ -196,6 +196,9 @@ def _check_store(settings: Any) -> Check:  # noqa: ANN401
                      "start the daemon once, or create it")
     if not os.access(path, os.W_OK):
         return Check("store", "FAIL", f"{path} is not writable by this user", f"chown -R knitwatch: {path}")
+    if not (path / DB_NAME).exists():
+        return Check("store", "WARN", f"{path} holds no event index yet (created at the first start); {free}",
+                     "start the daemon once")
     try:
         store = Store(path, retention_days=settings.store.retention_days, max_gb=settings.store.max_gb, fsync=False,
                       create=False)

@@ -124,6 +124,7 @@ class ActionRunner:
         self.last_error = ""
         self._last_error_mono: float | None = None
         self.counters: Counter[str] = Counter()
+        self._counters_lock = threading.Lock()  # other threads count under it (never while _publish copies)
         self.delay = self.retry_initial_s
         self.retry_at = 0.0
         self.urgent = True
@@ -177,14 +178,16 @@ class ActionRunner:
         held events is full: the event is then only logged (its stop latches all the same)."""
         with self._held_lock:
             if len(self.held) >= MAX_HELD_EVENTS:
-                self.counters["held_dropped"] += 1
+                with self._counters_lock:
+                    self.counters["held_dropped"] += 1
                 self._warn("held_full", "too many events held in memory while the store is unusable: this one is "
                            "only logged", event_id=record.get("event_id"), held=len(self.held))
                 return False
             if on_stored is not None and sum(h.on_stored is not None for h in self.held) >= MAX_HELD_PICTURES:
                 on_stored = None  # its pictures are not kept: written later without them
             self.held.append(HeldEvent(int(record["event_id"]), dict(record), dict(index), on_stored))
-            self.counters["held"] += 1
+            with self._counters_lock:
+                self.counters["held"] += 1
         self.next_store_work = 0.0
         return True
 
@@ -194,7 +197,8 @@ class ActionRunner:
             self._q.put_nowait(job)
             return True
         except queue.Full:
-            self.counters["dropped"] += 1
+            with self._counters_lock:
+                self.counters["dropped"] += 1
             log.error("action queue is full: action dropped", action=job.action, camera=job.camera,
                       event_id=job.event_id)
             return False
@@ -812,6 +816,8 @@ class ActionRunner:
 
     def _publish(self) -> None:
         now = time.monotonic()
+        with self._counters_lock:
+            counters = dict(self.counters)
         self._snapshot = {
             "driver": self.driver.name,
             "plc_connected": self.connected,
@@ -833,7 +839,7 @@ class ActionRunner:
                 "ok": not self.store.problem and self.store.usable, "problem": self.store.problem,
                 "held_events": len(self.held), "acks_not_in_store": sum(not a["in_store"] for a in self.acks_log)},
             "degraded": self.degraded(),
-            **self.counters,
+            **counters,
         }
 
 

@@ -280,7 +280,8 @@ class AlertStage(Stage):
             "latency_ms": round(latency_ms, 2),
         }
         if pos is not None:
-            record["pos"] = {"rev": pos.rev, "offset_px": round(pos.offset_px, 2), "source": pos.source}
+            record["pos"] = {"rev": pos.rev, "offset_px": round(pos.offset_px, 2),
+                             "circumference_px": pos.circumference_px, "source": pos.source}
         if top is not None:  # the most severe confirmed defect of the frame
             record["severity"] = top.name
             record["action"] = top.action

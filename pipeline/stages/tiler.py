@@ -8,7 +8,8 @@ Flow control is by credit on both sides (ROUTER sockets): inference workers tell
 they can take (``credit`` messages, absolute), and a frame goes to the worker with the most room;
 a camera gets its next credit only once its previous frame has been handed on. So at most one
 frame per camera waits here, nothing is dropped here, and capture - the only place that drops -
-always sends its newest frame.
+always sends its newest frame. A frame that arrives without a credit granted to its sender is not
+taken (``unrequested_frames``): no peer can fill the queue here.
 """
 
 from __future__ import annotations

@@ -235,6 +235,8 @@ class Store:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise StoreError(f"cannot create the store folder {self.root}: {e}") from e
+        elif not self.create and not self.db_path.exists():  # a reader never leaves an empty index behind
+            raise StoreError(f"no event index {DB_NAME} in {self.root} (the daemon has not run with this store yet)")
         db: sqlite3.Connection | None = None
         try:
             self.events_dir.mkdir(exist_ok=True)

@@ -220,3 +220,14 @@ def test_doctor(setup, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     (tmp_path / "invalid.toml").write_text("[alert]\nmin_area = 5\n")
     rc, out, _ = run(capsys, "doctor", "--config", str(tmp_path / "invalid.toml"))
     assert rc == 1 and "config" in out and "FAIL" in out
+
+
+def test_defects_list_leaves_a_folder_without_an_index_alone(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setenv("KNITWATCH_STORE__PATH", str(store))
+    code, _, err = run(capsys, "defects", "list")
+    assert code != 0
+    assert "no event index" in err and str(store) in err
+    assert list(store.iterdir()) == []  # no empty index created by a reader

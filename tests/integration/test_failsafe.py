@@ -263,6 +263,7 @@ def test_full_disk_keeps_the_stop_and_takes_the_acknowledge(tmp_path: Path) -> N
             s = a.actions(lambda s: degraded(s, "store"))
             assert "full" in s["store"]["problem"]
             assert read_view(store.path)["stop"] == ["c"]  # the latch file holds it (written in place)
+            assert s.get("latch_file_in_place", 0) >= 1 and not s["latch_file"]["problem"]
             r = knitwatch_ack(cfg, "--by", "anna", "--wait", "20")
             assert r.returncode == 0, r.stderr
             assert not plc.coil(0)

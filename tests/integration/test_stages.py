@@ -246,3 +246,50 @@ def test_capture_survives_garbage_and_sends_against_credit(tmp_path: Path) -> No
         assert stats["bad_files"] == 1 and stats.get("read_errors", 0) == 0
     finally:
         assert st.stop() == 0
+
+
+def test_fabric_position_travels_from_capture_to_the_alert_stage(tmp_path: Path) -> None:
+    """capture (the simulator, the image position estimator) -> tiler -> infer, real processes: every
+    result the alert stage receives carries the frame's "pos" next to the simulator's truth, and the
+    capture stage reports the estimator in its stats."""
+    from knitwatch.config.settings import SimulatorConfig
+
+    ckpt = untrained_checkpoint(tmp_path / "u.ckpt")
+    pre = PreprocessConfig(PreprocessParams(tile=48, stride=48)).to_dict()
+    cam = CameraConfig(id="c", source="simulator", fps=20.0, width=96, height=48,
+                       simulator=SimulatorConfig(speed_px=8.0, revolution_frames=40, seed=1))
+    ep = {k: f"ipc://{tmp_path}/{k}.sock" for k in ("frames", "tiles", "results")}
+    for d in ("capture", "tiler", "infer"):
+        (tmp_path / d).mkdir()
+    stages = [
+        StageUnderTest(tmp_path / "infer", "knitwatch.pipeline.stages.infer", "infer.0", tiles_endpoint=ep["tiles"],
+                       results_endpoint=ep["results"], checkpoint=str(ckpt),
+                       inference=InferenceConfig(device="cpu", max_batch_tiles=8, max_wait_ms=10)),
+        StageUnderTest(tmp_path / "tiler", "knitwatch.pipeline.stages.tiler", "tiler", frames_endpoint=ep["frames"],
+                       tiles_endpoint=ep["tiles"], preprocess=pre, cameras=[cam], tiling=TilingConfig()),
+        StageUnderTest(tmp_path / "capture", "knitwatch.pipeline.stages.capture", "capture.c", camera=cam,
+                       frames_endpoint=ep["frames"]),
+    ]
+    try:
+        alert = stages[0].socket(zmq.PULL, ep["results"], bind=True)  # plays the alert stage
+        results = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(results) < 6:
+            if alert.poll(500):
+                results.append(wire.recv(alert))
+        assert len(results) == 6, "results did not come through"
+        for res in results:  # the estimate is the truth's (the frame's tube column 0: revolution and offset)
+            pos, truth = res["pos"], res["truth"]
+            assert pos["source"] == "image" and pos["ok"], pos
+            true_px = truth["revolution"] * truth["circumference_px"] + truth["offset_px"]
+            if pos["circumference_px"] is None:  # the cutline did not come by twice yet: distance since frame 0
+                assert abs(pos["offset_px"] - true_px) < 1.0, (pos, truth)
+            else:
+                turns = pos["rev"] + pos["offset_px"] / pos["circumference_px"]
+                assert abs(turns - true_px / truth["circumference_px"]) * 320 < 1.0, (pos, truth)
+        stats = stages[2].wait_stats(lambda s: s.get("position", {}).get("frames", 0) >= 6)
+        assert stats["position"]["source"] == "image" and stats["position"]["lost"] == 0
+        assert stats["position"]["ms_p50"] > 0
+    finally:
+        for st in reversed(stages):
+            assert st.stop() == 0

@@ -55,7 +55,7 @@ def mutate_header(**changes: object) -> list[bytes]:
         (mutate_header(v=True), "version"),
         (mutate_header(kind=["frame"]), "unknown message kind"),
         ([b"[" * 100000 + b"]" * 100000], "nested too deeply|not JSON"),
-        ([good_parts()[0].replace(b'"seq":0', b'"seq":NaN'), b"\0" * 6], "not JSON"),
+        ([good_parts()[0].replace(b'"seq":0', b'"seq":NaN'), b"\0" * 6], "seq must be an integer"),
         ([good_parts()[0].replace(b'"seq":0', b'"seq":1e999'), b"\0" * 6], "seq must be an integer"),
         (good_parts()[:1], "needs 1 buffer"),
         (good_parts() + [b"x"], "needs 1 buffer"),
@@ -93,6 +93,9 @@ CONFUSED = [
     ("frame", "seq", -1, "frame.seq"),
     ("frame", "seq", 2**64, "frame.seq"),
     ("result", "image_score", "high", "result.image_score"),
+    ("result", "image_score", float("nan"), "result.image_score"),
+    ("result", "tile_scores", [float("inf")], "result.tile_scores"),
+    ("result", "model_ms", float("nan"), "result.model_ms"),
     ("result", "seq", "1", "result.seq"),
     ("result", "cam", {"id": "c"}, "result.cam"),
     ("result", "tile_scores", "0.1", "result.tile_scores"),
@@ -107,7 +110,8 @@ CONFUSED = [
     ("tiles", "grid.roi", [0, 0, 97, 64], "tiles.grid"),
     ("tiles", "grid.valid", [1] * 6, "tiles.grid"),
     ("tiles", "grid", [], "tiles.grid"),
-    ("tiles", "scale", 0, "tiles.scale"),
+    ("tiles", "scale", "1", "tiles.scale"),
+    ("result", "worker", ["w"], "result.worker"),
     ("credit", "n", "5", "credit.n"),
     ("credit", "n", 2**40, "credit.n"),
     ("credit", "received", [1], "credit.received"),
@@ -117,9 +121,11 @@ CONFUSED = [
     ("heartbeat", "stats", {"captured": "9"}, "heartbeat.stats"),
     ("heartbeat", "stats", {"cameras": {"c": {"inspected": "9"}}}, "heartbeat.stats"),
     ("heartbeat", "stats", {"cameras": {"c": {}}}, "heartbeat.stats"),
+    ("heartbeat", "stats", {"captured": float("nan")}, "heartbeat.stats"),
     ("frame", "pos", {"rev": "1"}, "frame.pos"),
     ("frame", "pos", {"ok": 1}, "frame.pos"),
-    ("result", "pos", {"circumference_px": 0}, "result.pos"),
+    ("result", "pos", {"circumference_px": "0"}, "result.pos"),
+    ("tiles", "pos", [1], "tiles.pos"),
 ]
 
 
@@ -139,6 +145,11 @@ def test_valid_messages_pass_with_optional_fields(kind: str) -> None:
         pos = {"rev": 3, "offset_px": 12.5, "circumference_px": None, "source": "cutline", "ok": True}
         extra = {"pos": pos, "truth": {"defects": []}, "a_field_from_a_newer_sender": [1]}
         assert wire.decode(encode_raw(kind, {**header, **extra}, arrays))["pos"] == pos
+        unknown = {**pos, "offset_px": float("nan"), "ok": False, "cutline_px": None}  # for the alert to judge
+        assert wire.decode(encode_raw(kind, {**header, "pos": unknown}, arrays))["pos"]["ok"] is False
+    if kind == "heartbeat":  # a stage's own figures may be anything JSON holds (never a reason to kill it)
+        stats = {**header["stats"], "latency": float("nan"), "store": None, "position": {"ok": False}}
+        assert wire.decode(encode_raw(kind, {**header, "stats": stats}, arrays))["stats"]["store"] is None
 
 
 def test_array_shapes_must_agree() -> None:
