@@ -136,6 +136,7 @@ class Supervisor:
         self.stop_signal: int | None = None
         self.ready = False
         self.ready_at: float | None = None
+        self._camera_progress: dict[str, tuple[int, float]] = {}  # capture stage -> (frames captured, when it changed)
         self.started = time.monotonic()
         self.snapshot: dict[str, Any] = {}
         self._health: dict[str, Any] = {"healthy": False, "ready": False, "stopping": False, "stages": {}}
@@ -257,9 +258,28 @@ class Supervisor:
         alert = self.procs.get("alert")
         # the alert stage's action runner says what is degraded: PLC unreachable, store or latch file unusable
         degraded = [str(r) for r in ((alert.stats.get("actions") or {}).get("degraded") or [])] if alert else []
+        degraded += self._silent_cameras(now)
         self._health = {"healthy": all(s["healthy"] for s in stages.values()) and self.stop_signal is None,
                         "ready": self.ready, "stopping": self.stop_signal is not None, "stages": stages,
                         "degraded": degraded}
+
+    def _silent_cameras(self, now: float) -> list[str]:
+        """Cameras that have delivered no new frame for ``stall_s`` while the daemon inspects (a camera
+        that never delivered one included): its coverage says nothing, so health must."""
+        out = []
+        for name, sp in self.procs.items():
+            if sp.spec.layer != "capture":
+                continue
+            n = int(sp.stats.get("captured", 0) or 0)
+            last = self._camera_progress.get(name)
+            if last is None or n != last[0]:
+                self._camera_progress[name] = last = (n, now)
+            since = max(last[1], self.ready_at or now)
+            if self.ready_at is not None and now - since > self.settings.daemon.stall_s:
+                cam = sp.spec.kwargs["camera"].id
+                out.append(f"camera {cam}: no frame for {now - since:.0f} s"
+                           + (" (none since the start)" if n == 0 else ""))
+        return out
 
     # the API's view of the daemon (read from the API's thread)
     def stats_snapshot(self) -> dict[str, Any]:
