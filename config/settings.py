@@ -109,7 +109,9 @@ class PositionConfig(Section):
     min_peak: float = Field(
         0.15, gt=0, le=1, description="image: a correlation peak below this is not a measurement (ok = false)")
     work_width: int = Field(
-        1280, ge=64, le=16384, description="image: wider frames are shrunk horizontally by an integer factor first")
+        2048, ge=64, le=16384,
+        description="image: wider frames are shrunk horizontally by an integer factor first (keep 3 or more "
+        "work pixels per loop)")
     work_rows: int = Field(64, ge=8, le=1024, description="image: rows are averaged down to this many first")
     pitch_px: float | None = Field(
         None, ge=2, le=64, description="image: the loop (wale) pitch in pixels; none: measured from the frames")
@@ -260,8 +262,9 @@ class AlertConfig(Section):
         "its place is still the same defect (its event is updated, no new event); other defects are never held back"
     )
     track_gate_px: float = Field(
-        48.0, gt=0, le=10_000, description="tracking: a region within this many pixels of a defect's place on the "
-        "tube (columns, and rows) is that defect; regions of one frame this near each other are one defect"
+        64.0, gt=0, le=10_000, description="tracking: a region within this many pixels of a defect's place on the "
+        "tube (columns, and rows) is that defect; regions of one frame this near each other are one defect "
+        "(about one model tile in frame pixels: the pieces of one defect lie that far apart)"
     )
     track_gate_frame_px: float = Field(
         128.0, gt=0, le=100_000, description="tracking without a fabric position (frame coordinates): the column "

@@ -225,7 +225,8 @@ class Supervisor:
             if not sp.process.is_alive():
                 self._schedule_restart(sp, f"exited with code {sp.process.exitcode}")
                 continue
-            ready = sp.stats.get("ready", True)
+            # a stage that has not sent its first heartbeat is still starting (importing torch, loading a model)
+            ready = bool(sp.stats) and sp.stats.get("ready", True)
             limit = d.startup_grace_s if not ready else d.stall_s
             if now - sp.last_beat > limit:
                 sp.process.kill()

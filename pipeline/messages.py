@@ -6,22 +6,25 @@ fields have the types and ranges below; anything else raises :class:`SchemaError
 bounded ``reason`` (``"<kind>.<field>"``, used as a counter key) and a readable ``detail`` (logged).
 
 Rules common to all kinds: integers are JSON integers (never booleans, strings or floats) within
-0 .. 2**63-1 unless said otherwise; floats are finite numbers; optional fields may be absent (and,
-where noted, null); header keys not listed here are allowed and passed on untouched (newer senders
-may add fields), so only the listed ones are relied upon.
+0 .. 2**63-1 unless said otherwise; the numbers receivers compute with are finite; fields only passed
+on for information (``scale``, ``pos``'s numbers, a stage's own statistics) are checked for their
+type only, so that an odd value there never costs a frame its inspection or a stage its heartbeat;
+optional fields may be absent (and, where noted, null); header keys not listed here are allowed and
+passed on untouched (newer senders may add fields), so only the listed ones are relied upon.
 
 ========== ===========================================================================================
 kind       header fields (besides ``v``, ``kind``, ``bufs``) and buffers
 ========== ===========================================================================================
-frame      cam (camera id), seq, t_wall_ns, t_mono_ns; optional epoch, truth (object), pos (object);
+frame      cam (camera id), seq, t_wall_ns, t_mono_ns; optional epoch, truth (object), pos (object:
+           rev, offset_px, circumference_px, source, ok, cutline_px);
            1 buffer: the frame, uint8 (H, W) or (H, W, C) with C in 1, 3, 4
-tiles      the frame's fields + grid (tile geometry), optional t_tiled_ns, scale (> 0);
+tiles      the frame's fields + grid (tile geometry), optional t_tiled_ns, scale;
            2 buffers: tiles uint8 (N, T, T[, C]) matching the grid, and the frame matching grid.frame_shape
 result     the frame's fields + image_score, tile_scores (list of floats), optional t_tiled_ns, scale,
            t_infer_ns, model_ms, batch_tiles, worker; 2 buffers: the anomaly map float32 (H, W) and
            the frame, of the map's H, W
 credit     n (0 .. 2**30), optional received, cam; no buffer
-heartbeat  stage (name), pid (1 .. 2**22), stats (object; see :data:`STATS_FIELDS`); no buffer
+heartbeat  stage (name), pid (1 .. 2**22), stats (object; see ``STATS_FIELDS``); no buffer
 ========== ===========================================================================================
 """
 

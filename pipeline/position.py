@@ -21,8 +21,9 @@ Estimators (one interface: ``update(frame, truth) -> pos``, ``stats()``, ``close
   DFTs of a row-averaged, high-passed, Hann-windowed grayscale copy: the fixed lighting gradient
   and vignette do not move with the fabric and are filtered out); the peak's sub-pixel position is
   the displacement, accumulated into the offset. A weak peak (a covered lens, a blank frame) is no
-  measurement: the offset is carried on at the last speed, the frame is ``ok: false``, and the last
-  good frame stays the reference, so the next good frame is measured against it. The cutline is
+  measurement: the offset is carried on at the mean speed of the last 16 measured frames, the frame
+  is ``ok: false``, and the last good frame stays the reference while it can still overlap the view,
+  so the next good frame is measured against it. The cutline is
   found in the column profile as two narrow dark stripes ``cutline_needle_spacing`` loop pitches
   apart (the pitch is measured from the profile's spectrum unless configured); its first pass fixes
   its tube coordinate, its second the circumference, and every pass after that counts the
@@ -89,9 +90,12 @@ def make_position(camera: CameraConfig) -> PositionEstimator | None:
 
 def _pos(rev: int, offset: float, circumference: float | None, source: str, ok: bool,
          cutline: float | None = None) -> dict[str, Any]:
-    return {"rev": int(rev), "offset_px": round(float(offset), 2),
-            "circumference_px": None if circumference is None else round(float(circumference), 2),
-            "source": source, "ok": bool(ok), "cutline_px": None if cutline is None else round(float(cutline), 2)}
+    off = round(float(offset), 2)
+    circ = None if circumference is None else round(float(circumference), 2)
+    if circ is not None and off >= circ:  # rounded up to the circumference: the next revolution's 0
+        off, rev = 0.0, rev + 1
+    return {"rev": int(rev), "offset_px": off, "circumference_px": circ, "source": source, "ok": bool(ok),
+            "cutline_px": None if cutline is None else round(float(cutline), 2)}
 
 
 def _wrap(u: float, c: float | None) -> tuple[int, float]:
@@ -187,8 +191,9 @@ class PhaseTracker:
 
     def __init__(self, shape: tuple[int, int], work_width: int, work_rows: int) -> None:
         h, w = shape
-        self.fx = max(1, math.ceil(w / work_width))
-        self.ww = max(16, w // self.fx)
+        fx = max(1, math.ceil(w / work_width))
+        self.ww = max(16, w // fx)
+        self.fx = w / self.ww  # frame pixels per work pixel
         self.wh = max(8, min(h, work_rows))
         self.fy = h / self.wh
         self.window = cv2.createHanningWindow((self.ww, self.wh), cv2.CV_32F)
@@ -375,7 +380,7 @@ class _Displacement:
         dx, _dy, peak = self.tracker.shift(ref_spec, spec)
         self.peaks.append(peak)
         predicted = self.u + self.v
-        w = float(self.tracker.ww * self.tracker.fx)
+        w = float(self.width)
         dx += round((predicted - ref_u - dx) / w) * w  # the representative nearest the prediction
         if peak >= self.cfg.min_peak:
             self.u = ref_u + dx
@@ -456,7 +461,7 @@ class ImagePosition(_Timing):
         if not measured and self.disp.frames > 1:
             self.dead = True
             self.uncertain += 0.05 * abs(self.disp.v) + 0.5
-        fx = self.disp.tracker.fx if self.disp.tracker else 1
+        fx = self.disp.tracker.fx if self.disp.tracker else 1.0
         if self.pitch is None:
             self._pitch_profiles.append(profile)
             if len(self._pitch_profiles) >= _PITCH_FRAMES:
@@ -502,8 +507,12 @@ class ImagePosition(_Timing):
             return
         n = round(gap / self.circ)
         err = gap - n * self.circ
-        tol = max(3.0 * pitch, 0.01 * self.circ) + self.uncertain + 0.01 * self.circ * max(0, abs(n) - 1)
+        measured = self.c_samples > 0  # else a configured circumference, taken as a guess within 10 %
+        tol = max(3.0 * pitch, (0.01 if measured else 0.1) * self.circ) + self.uncertain \
+            + 0.01 * self.circ * max(0, abs(n) - 1)
         if n != 0 and abs(err) <= tol:
+            if not measured and abs(n) == 1 and p.clean:
+                self.circ, self.c_samples = abs(gap), 1
             self._accept(p, n, u_c)
             return
         # not where the cutline is due: a defect, or the estimate is lost (after a long outage)

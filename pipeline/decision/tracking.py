@@ -13,10 +13,14 @@ confirmed-or-not defect region of a frame is put at its place:
   two inspected frames, then it is ``gate_px`` plus a quarter of the predicted move (rows: ``gate_px``).
 
 Each region goes to its nearest track within the gates (a defect that splits into several regions
-stays one track); regions matching no track, grouped when they lie within ``gate_px`` of each other,
-start new tracks. **Confirmation is per track**: a track is confirmed once it was seen in ``k`` of the
-camera's last ``n`` frames in capture order (frames that never arrive count as not seen) - two
-unrelated blips at different places never confirm each other. For the per-frame audit a frame is
+stays one track). Regions of one frame within ``gate_px`` of each other are one defect, and so are the
+pieces of one vertical line (columns overlapping by half the wider, one piece taller than wide: a
+needle line the model sees in pieces) whatever the rows between them: such a region joins the track of
+its neighbour, and regions matching no track start one new track per group.
+
+**Confirmation is per track**: a track is confirmed once it was seen in ``k`` of the camera's last
+``n`` frames in capture order (frames that never arrive count as not seen) - two unrelated blips at
+different places never confirm each other. For the per-frame audit a frame is
 *confirmed* when it shows at least one confirmed track.
 
 One track = one physical defect = one *event*: created when the track is confirmed, then updated while
@@ -29,8 +33,9 @@ outside the frame) or stays lost longer.
 
 **Recurrence.** A closed track with an event is remembered by its tube interval (a *site*). A track
 confirmed at the same tube columns (within ``gate_px``; its rows do not matter, the take-down has moved
-the fabric) and of about the same size (width and height within 2x, give or take ``gate_px``) in a later
-revolution is the same recurring defect - a broken needle's line, a faulty feeder's
+the fabric) and of the same shape (both taller than wide - a needle line, seen in pieces of any length -
+or of about the same width and height: within 2x, give or take ``gate_px``) in a later revolution is
+the same recurring defect - a broken needle's line, a faulty feeder's
 stripe: it updates the same event, whose ``revolutions`` counts the revolutions it was seen in and
 ``streak`` the consecutive ones; at ``recurrence_stop_revolutions`` consecutive revolutions its
 severity becomes ``recurring`` / ``stop``. A site not seen for ``recurrence_memory_revolutions``
@@ -113,7 +118,7 @@ def parse_position(value: object) -> tuple[FramePosition | None, str]:
 class TrackerConfig:
     confirm_k: int = 2
     confirm_n: int = 3
-    gate_px: float = 48.0  # tube columns and rows
+    gate_px: float = 64.0  # tube columns and rows
     frame_gate_px: float = 128.0  # frame columns, without a position
     lost_frames: int = 50  # a confirmed track unseen this long is closed (the cool-down of one defect)
     recurrence_stop_revolutions: int = 2  # 0: recurrence never escalates
@@ -138,7 +143,7 @@ class EventState:
     passes: list[int] = field(default_factory=list)  # the revolutions it was seen in (the last 32)
 
     def recurrence(self) -> dict[str, Any]:
-        return {"revolutions": self.revolutions, "streak": self.streak, "passes": self.passes[-32:]}
+        return {"revolutions": self.revolutions, "streak": self.streak, "passes": list(self.passes)}
 
 
 @dataclass
@@ -158,12 +163,6 @@ class Track:
     regions: list[Region] = field(default_factory=list)  # this frame's (empty when not seen in it)
     area: int = 0  # this frame's
     peak: float = 0.0  # this frame's
-
-    def summary(self) -> dict[str, Any]:
-        return {"id": self.id, "first_seq": self.first_seq, "last_seq": self.last_seq,
-                "frames_seen": self.frames_seen,
-                "tube_x": round(self.tube[0], 1) if self.tube else None,
-                "tube_width": round(self.tube[1], 1) if self.tube else None, "revolution": self.pass_}
 
 
 @dataclass
@@ -225,6 +224,18 @@ def _tube_union(a: tuple[float, float], b: tuple[float, float], circ: float | No
     return (a[0], min(fwd, circ)) if fwd <= back else (b[0], min(back, circ))
 
 
+def _box_gap(a: Box, b: Box) -> float:
+    return max(_gap(a[0], a[2], b[0], b[2]), _gap(a[1], a[3], b[1], b[3]))
+
+
+def _one_line(a0: float, a1: float, b0: float, b1: float, ha: float, hb: float) -> bool:
+    """Two pieces of one vertical line (a needle line the model sees in pieces): their columns overlap by
+    at least half the wider one, and one of them is taller than wide."""
+    wa, wb = a1 - a0, b1 - b0
+    overlap = min(a1, b1) - max(a0, b0)
+    return overlap >= 0.5 * max(wa, wb) > 0 and (ha > wa or hb > wb)
+
+
 def _same_circ(a: float | None, b: float | None) -> bool:
     """Tube coordinates measured with these circumferences are comparable: both unknown (unwrapped), or
     known and within 1 % (an image estimate refines it every revolution)."""
@@ -267,19 +278,27 @@ class Tracker:
     def _distance(self, t: Track, box: Box, seq: int, pos: FramePosition | None) -> float | None:
         """Distance from track ``t``'s predicted place to a region's box; None beyond the gates."""
         cfg = self.cfg
-        dy = _gap(t.box[1], t.box[3], box[1], box[3])
-        if dy > cfg.gate_px:
-            return None
         if pos is not None and t.tube is not None and _same_circ(t.circ, pos.circumference_px):
-            dx = _tube_gap(t.tube, self._tube_of(box, pos), pos.circumference_px)
+            u0, w = self._tube_of(box, pos)
+            a0, a1, b0 = t.tube[0], t.tube[0] + t.tube[1], u0
+            if pos.circumference_px:  # b as near a as the circle allows
+                c = pos.circumference_px
+                b0 = a0 + ((u0 - a0 + c / 2) % c) - c / 2
+            b1 = b0 + w
             gate = cfg.gate_px
         else:
             dt = seq - t.last_seq
             shift = (t.vx or 0.0) * dt
-            dx = _gap(t.box[0] + shift, t.box[2] + shift, box[0], box[2])
+            a0, a1, b0, b1 = t.box[0] + shift, t.box[2] + shift, float(box[0]), float(box[2])
             # its speed unknown: anywhere the web can have moved it; known: near the prediction
             gate = cfg.frame_gate_px if t.vx is None else cfg.gate_px + 0.25 * abs(t.vx * dt)
-        return dx + dy if dx <= gate else None
+        dx = _gap(a0, a1, b0, b1)
+        if dx > gate:
+            return None
+        dy = _gap(t.box[1], t.box[3], box[1], box[3])
+        if dy > cfg.gate_px and not _one_line(a0, a1, b0, b1, t.box[3] - t.box[1], box[3] - box[1]):
+            return None
+        return dx + min(dy, cfg.gate_px)
 
     def _in_view(self, t: Track, seq: int, width: int, pos: FramePosition | None) -> bool:
         """False once track ``t``'s place has left the frame (by more than a gate)."""
@@ -322,20 +341,28 @@ class Tracker:
         by_id = {t.id: t for t in self.tracks}
         for _d, tid, i in pairs:
             owner.setdefault(i, by_id[tid])
-        # 2. the others, grouped when near each other, start tracks
-        loose = [i for i in range(len(regions)) if i not in owner]
-        groups = self._group([regions[i].bbox for i in loose])
-        for g in groups:
-            if len(self.tracks) >= MAX_TRACKS:
-                untracked += len(g)
+        # 2. regions of the frame near each other are one defect: the others join a near region's
+        #    track, or start one
+        for g in self._group([r.bbox for r in regions]):
+            owned = [i for i in g if i in owner]
+            loose = [i for i in g if i not in owner]
+            if not loose:
                 continue
-            box = _union([regions[loose[j]].bbox for j in g])
-            t = Track(self._next_id, seq, seq, box, Confirmation(cfg.confirm_k, cfg.confirm_n))
+            if owned:
+                for i in loose:
+                    near = min(owned, key=lambda j: _box_gap(regions[i].bbox, regions[j].bbox))
+                    owner[i] = owner[near]
+                continue
+            if len(self.tracks) >= MAX_TRACKS:
+                untracked += len(loose)
+                continue
+            t = Track(self._next_id, seq, seq, _union([regions[i].bbox for i in loose]),
+                      Confirmation(cfg.confirm_k, cfg.confirm_n))
             self._next_id += 1
             self.tracks_total += 1
             self.tracks.append(t)
-            for j in g:
-                owner[loose[j]] = t
+            for i in loose:
+                owner[i] = t
         self.untracked_regions += untracked
         for i, t in sorted(owner.items()):
             t.regions.append(regions[i])
@@ -351,7 +378,7 @@ class Tracker:
             confirmed_now = t.confirm.update(seq, True)
             if not t.confirmed and not confirmed_now:
                 continue
-            decisions.append(self._decide(t, seq, pos, acked))
+            decisions.append(self._decide(t, seq, acked))
 
         # 4. close the tracks that left, or were lost too long; forget old sites
         closed: list[Track] = []
@@ -376,8 +403,9 @@ class Tracker:
             self.sites = [s for s in self.sites if pos.rev - s.last_pass <= cfg.recurrence_memory_revolutions]
         return FrameTracks(seen, decisions, closed, untracked)
 
-    def _group(self, boxes: list[Box]) -> list[list[int]]:
-        """Indices of ``boxes`` grouped by single linkage within ``gate_px`` (frame coordinates)."""
+    def _group(self, boxes: Sequence[Box]) -> list[list[int]]:
+        """Indices of ``boxes`` grouped by single linkage: within ``gate_px`` of each other (columns and
+        rows), or pieces of one vertical line (frame coordinates)."""
         gate = self.cfg.gate_px
         parent = list(range(len(boxes)))
 
@@ -390,7 +418,10 @@ class Tracker:
         for i in range(len(boxes)):
             for j in range(i + 1, len(boxes)):
                 a, b = boxes[i], boxes[j]
-                if _gap(a[0], a[2], b[0], b[2]) <= gate and _gap(a[1], a[3], b[1], b[3]) <= gate:
+                if _gap(a[0], a[2], b[0], b[2]) > gate:
+                    continue
+                if (_gap(a[1], a[3], b[1], b[3]) <= gate
+                        or _one_line(a[0], a[2], b[0], b[2], a[3] - a[1], b[3] - b[1])):
                     parent[root(j)] = root(i)
         out: dict[int, list[int]] = {}
         for i in range(len(boxes)):
@@ -437,8 +468,7 @@ class Tracker:
         return EventState(severity, previous_event_id=old.event_id, revolutions=old.revolutions,
                           streak=old.streak, passes=list(old.passes))
 
-    def _decide(self, t: Track, seq: int, pos: FramePosition | None,
-                acked: Callable[[int], bool]) -> TrackDecision:
+    def _decide(self, t: Track, seq: int, acked: Callable[[int], bool]) -> TrackDecision:
         new_event = escalated = recurrence = False
         if not t.confirmed:  # confirmed with this frame
             t.confirmed = True
@@ -457,6 +487,7 @@ class Tracker:
                     ev.streak = ev.streak + 1 if t.pass_ == site.last_pass + 1 else 1
                     ev.revolutions += 1
                     ev.passes.append(t.pass_)
+                    del ev.passes[:-32]  # a broken needle may go on for days
                     if ev.revolutions == 2:
                         self.recurring_defects += 1
                 sev = self._severity(t, ev)
@@ -505,8 +536,8 @@ class Tracker:
             if t.pass_ == s.last_pass:  # lost and found again: the rows must match too
                 if _gap(s.rows[0], s.rows[1], t.box[1], t.box[3]) > self.cfg.gate_px:
                     continue
-            elif not (self._similar(s.width, t.tube[1]) and self._similar(s.rows[1] - s.rows[0], t.box[3] - t.box[1])):
-                continue  # back in a later revolution: about the same size (not another defect at that angle)
+            elif not self._alike(s.width, s.rows[1] - s.rows[0], t.tube[1], t.box[3] - t.box[1]):
+                continue  # back in a later revolution: of the same shape (not another defect at that angle)
             if best is None or (d, -s.last_pass) < (best[0], -best[1].last_pass):  # a tie: its latest pass
                 best = (d, s)
         return best[1] if best else None
@@ -520,9 +551,16 @@ class Tracker:
                 s.u0, s.circ = s.u0 - n * circ, circ
                 s.last_pass = n if n >= 0 else -n - 1
 
-    def _similar(self, a: float, b: float) -> bool:
-        """Two extents (px) of about the same size: within 2x, give or take a gate."""
-        return max(a, b) <= 2 * min(a, b) + self.cfg.gate_px
+    def _alike(self, wa: float, ha: float, wb: float, hb: float) -> bool:
+        """Two sightings (width, height in px) of one recurring defect: both vertical lines (taller than
+        wide: a needle line, seen in pieces of any length) of about the same width, or of about the same
+        width and height (within 2x, give or take ``gate_px``)."""
+        def near(a: float, b: float) -> bool:
+            return max(a, b) <= 2 * min(a, b) + self.cfg.gate_px
+
+        if ha > wa and hb > wb:
+            return near(wa, wb)
+        return near(wa, wb) and near(ha, hb)
 
     def _remember(self, t: Track) -> None:
         if (t.event is None or t.tube is None or t.pass_ is None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,23 +45,6 @@ def valid(kind: str, seq: int = 0, cam: str = "c", tile: int = 32) -> tuple[dict
     if kind == "heartbeat":
         return {"stage": "capture.c", "pid": 1, "stats": {"captured": 1, "dropped": 0, "ready": True}}, []
     raise ValueError(kind)
-
-
-def untrained_checkpoint(path: Path, tile: int = 48) -> Path:
-    """A real EfficientAD-S checkpoint with untrained weights and thresholds no frame reaches
-    (transport tests: every frame is inspected, none is a defect)."""
-    import torch
-
-    from knitwatch.models.base import save_model
-    from knitwatch.models.efficientad.model import EfficientAD
-    from knitwatch.pipeline.preprocess import PreprocessConfig
-
-    torch.manual_seed(0)
-    model = EfficientAD(size="s", tile_size=tile)
-    model.image_threshold.fill_(1e9)
-    model.pixel_threshold.fill_(1e9)
-    pre = PreprocessConfig(PreprocessParams(tile=tile, stride=tile)).to_dict()
-    return save_model(path, model, preprocess=pre, provenance={"id": "untrained"})
 
 
 def encode_raw(kind: str, header: dict[str, Any], arrays: list[np.ndarray]) -> list[bytes]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.cli import knitwatch
-from tests.helpers.hostile import untrained_checkpoint
+from tests.helpers.models import untrained_checkpoint
 
 
 def test_workdir_that_cannot_be_made_is_a_named_error(tmp_path: Path) -> None:

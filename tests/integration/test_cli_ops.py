@@ -24,6 +24,7 @@ from knitwatch.pipeline.actions.simplc import SimulatedPlc
 from knitwatch.pipeline.store.database import Store
 from knitwatch.pipeline.store.queries import parse_time
 from tests.helpers.api import EVENTS, SNAPSHOT, TOKEN, make_settings
+from tests.helpers.models import untrained_checkpoint
 from tests.helpers.net import free_port
 
 
@@ -31,17 +32,6 @@ def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     rc = main(["--log-level", "WARNING", *argv])
     out = capsys.readouterr()
     return rc, out.out, out.err
-
-
-def untrained_checkpoint(path: Path) -> Path:
-    """A complete EfficientAD-S checkpoint for 64 px tiles (weights untrained, thresholds set)."""
-    from knitwatch.models.base import save_model
-    from knitwatch.models.efficientad.model import EfficientAD
-
-    model = EfficientAD("s", tile_size=64)
-    model.image_threshold.fill_(1.0)
-    model.pixel_threshold.fill_(0.8)
-    return save_model(path, model, preprocess={"tile": 64, "stride": 64}, provenance={"id": "untrained-test"})
 
 
 @pytest.fixture
@@ -54,7 +44,8 @@ def setup(tmp_path: Path, populated: tuple[Settings, list[int]], plc: SimulatedP
     cfg = {
         "cameras": [{"id": "cam0", "source": "simulator", "width": 256, "height": 128},
                     {"id": "cam1", "source": "folder", "uri": str(frames)}],
-        "model": {"checkpoint": str(untrained_checkpoint(tmp_path / "model.ckpt"))},
+        "model": {"checkpoint": str(untrained_checkpoint(tmp_path / "model.ckpt", 64, image_threshold=1.0,
+                                                          pixel_threshold=0.8))},
         "store": {"path": str(settings.store.path), "max_gb": 0.05},
         "plc": {"driver": "modbus", "host": "127.0.0.1", "port": plc.port, "stop_address": 0, "heartbeat_address": 1},
         "api": {"port": free_port()},

@@ -27,6 +27,7 @@ from knitwatch.pipeline.security import (
 )
 from knitwatch.pipeline.store.database import Store
 from tests.helpers.cli import knitwatch
+from tests.helpers.models import untrained_checkpoint
 from tests.helpers.net import free_port, sample, wait_for
 from tests.helpers.stages import StageUnderTest
 
@@ -39,21 +40,6 @@ def make_keys(folder: Path, name: str) -> tuple[Path, Path]:
     r = knitwatch("keys", "generate", "--out", str(folder), "--name", name, timeout=60)
     assert r.returncode == 0, r.stderr
     return folder / f"{name}.key", folder / f"{name}.key_secret"
-
-
-def untrained_checkpoint(path: Path) -> Path:
-    """A real EfficientAD-S checkpoint with untrained weights (transport tests only)."""
-    import torch
-
-    from knitwatch.models.base import save_model
-    from knitwatch.models.efficientad.model import EfficientAD
-
-    torch.manual_seed(0)
-    model = EfficientAD(size="s", tile_size=TILE)
-    model.image_threshold.fill_(1e9)
-    model.pixel_threshold.fill_(1e9)
-    pre = PreprocessConfig(PreprocessParams(tile=TILE, stride=TILE)).to_dict()
-    return save_model(path, model, preprocess=pre, provenance={"id": "untrained"})
 
 
 def forged_result(seq: int) -> tuple[dict, list[np.ndarray]]:
@@ -221,7 +207,7 @@ def test_only_authorised_workers_get_tiles_and_send_results(tmp_path: Path, plc:
         assert not plain_dealer.poll(500) and not rogue_dealer.poll(0), "a rogue peer received tiles"
 
         # the authorised worker (a real inference process with w1's key) gets the frame's tiles ...
-        ckpt = untrained_checkpoint(tmp_path / "u.ckpt")
+        ckpt = untrained_checkpoint(tmp_path / "u.ckpt", TILE)
         worker = StageUnderTest(tmp_path / "w", "knitwatch.pipeline.stages.infer", "infer.w1", tiles_endpoint=tiles_ep,
                                 results_endpoint=results_ep, checkpoint=str(ckpt),
                                 inference=InferenceConfig(device="cpu", backend="torch", max_batch_tiles=8,

@@ -28,7 +28,8 @@ from knitwatch.daemon.supervisor import Supervisor
 from knitwatch.pipeline import wire
 from knitwatch.pipeline.preprocess import PreprocessParams, preprocess
 from tests.helpers.cli import KNITWATCH, clean_env
-from tests.helpers.hostile import confused, encode_raw, frame_header, fuzz_parts, untrained_checkpoint, valid
+from tests.helpers.hostile import confused, encode_raw, frame_header, fuzz_parts, valid
+from tests.helpers.models import untrained_checkpoint
 from tests.helpers.net import free_port, wait_for
 from tests.helpers.stages import GARBAGE, StageUnderTest
 

@@ -13,7 +13,8 @@ import zmq
 from knitwatch.config.settings import AlertConfig, CameraConfig, InferenceConfig, TilingConfig
 from knitwatch.pipeline import wire
 from knitwatch.pipeline.preprocess import PreprocessConfig, PreprocessParams, TileGrid, preprocess
-from tests.helpers.hostile import confused, untrained_checkpoint
+from tests.helpers.hostile import confused
+from tests.helpers.models import untrained_checkpoint
 from tests.helpers.stages import GARBAGE, StageUnderTest
 
 CAM = CameraConfig(id="c")

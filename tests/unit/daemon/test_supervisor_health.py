@@ -32,3 +32,28 @@ def test_no_camera_is_silent_before_the_daemon_inspects(tmp_path) -> None:
     sup = _supervisor(tmp_path)
     sup.procs["capture.cam0"].stats = {"captured": 0}
     assert sup._silent_cameras(1000.0) == []  # still loading the model: cameras start when it is ready
+
+
+def test_a_stage_still_starting_gets_the_startup_grace_not_the_stall_limit(tmp_path) -> None:
+    """Under load a worker importing torch sent no heartbeat within stall_s and was killed."""
+    import time
+
+    from knitwatch.daemon.supervisor import StageProc, StageSpec
+
+    settings = Settings(daemon=DaemonConfig(stall_s=0.5, startup_grace_s=60.0, runtime_dir=tmp_path))
+    sup = Supervisor(settings, checkpoint={"path": "model.ckpt", "preprocess": {}, "thresholds": {"image": 1.0}})
+    sp = StageProc(StageSpec("infer.0", "infer", "tests.helpers.slow_stage", {"pid_file": str(tmp_path / "pid")}))
+    sup.procs = {"infer.0": sp}
+    sup._start(sp)
+    try:
+        time.sleep(1.5)  # three stall limits without a heartbeat
+        sup._watch()
+        assert sp.process.is_alive() and sp.restart_count == 0
+        sp.stats = {"ready": True}  # its first heartbeat: from now on the stall limit applies
+        sp.last_beat = time.monotonic() - 1.0
+        sup._watch()
+        assert sp.restart_count == 1
+    finally:
+        if sp.process.is_alive():
+            sp.process.kill()
+        sp.process.join(5)

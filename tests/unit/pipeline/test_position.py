@@ -64,11 +64,33 @@ def test_image_position_follows_the_simulator(stream: list[tuple[np.ndarray, Fra
     assert learned and learned[0] < 2 * REV_FRAMES  # at the cutline's second pass
     assert abs(out[-1]["circumference_px"] - C_TRUE) < 1.0
     assert out[-1]["rev"] == stream[-1][1].revolution == 3  # the revolution count is exact
-    passes = sum(1 for i, (_, t) in enumerate(stream) if t.cutline_visible and not (i and stream[i - 1][1].cutline_visible))
+    seen = [t.cutline_visible for _, t in stream]
+    passes = sum(1 for i, v in enumerate(seen) if v and not (i and seen[i - 1]))
     stats = est.stats()
     assert stats["cutline_passes"] == passes == 4
     assert stats["ok"] == N_FRAMES and stats["lost"] == 0 and stats["source"] == "image"
     assert abs(stats["pitch_px"] - 6.0) < 0.1  # measured from the frames
+
+
+def test_wide_frames_are_shrunk_horizontally(stream: list[tuple[np.ndarray, FrameTruth]]) -> None:
+    """Frames wider than work_width are measured at half (a third ...) the width, in frame pixels."""
+    est = ImagePosition(PositionConfig(work_width=160))
+    out = run(est, iter(stream))
+    assert est.disp.tracker is not None and est.disp.tracker.fx == 2.0
+    errors = [abs(turns_error(p, t)) * C_TRUE for p, (_, t) in zip(out, stream, strict=True) if p["circumference_px"]]
+    assert errors and max(errors) < 1.0
+    assert est.stats()["cutline_passes"] == 4 and abs(est.stats()["pitch_px"] - 6.0) < 0.1
+
+
+def test_a_configured_circumference_is_a_first_guess(stream: list[tuple[np.ndarray, FrameTruth]]) -> None:
+    """circumference_px set 3 % short: known from the first frame, replaced by the measured one at the
+    cutline's second pass, exact from then on."""
+    est = ImagePosition(PositionConfig(circumference_px=700.0))
+    out = run(est, iter(stream))
+    assert all(p["circumference_px"] is not None for p in out)
+    second = 2 * REV_FRAMES  # by then the cutline came by twice
+    assert all(abs(turns_error(p, t)) * C_TRUE < 1.0 for p, (_, t) in list(zip(out, stream, strict=True))[second:])
+    assert abs(out[-1]["circumference_px"] - C_TRUE) < 1.0 and est.stats()["cutline_rejected"] == 0
 
 
 def test_a_place_on_the_fabric_keeps_its_tube_coordinate(stream: list[tuple[np.ndarray, FrameTruth]]) -> None:
@@ -259,7 +281,10 @@ def test_plc_32_bit_counter_read_by_the_thread(plc: SimulatedPlc) -> None:
         est.close()
 
 
-def test_plc_counter_with_the_image_displacement(plc: SimulatedPlc, stream: list[tuple[np.ndarray, FrameTruth]]) -> None:
+Stream = list[tuple[np.ndarray, FrameTruth]]
+
+
+def test_plc_counter_with_the_image_displacement(plc: SimulatedPlc, stream: Stream) -> None:
     """No angle register, no circumference setting: the offset is the image displacement since the
     counter last counted, the circumference the displacement over a whole revolution."""
     machine = Machine(plc)

@@ -280,3 +280,14 @@ def test_places_seen_before_the_circumference_was_known_recur_once_it_is() -> No
             streak = [d.event.streak for d in f.decisions if d.recurrence]
             assert streak == [] or streak[0] >= 2, "the consecutive revolutions are counted"
         assert (t.events, revs) == (events, revs_expected), known_from
+
+
+def test_the_pieces_of_one_needle_line_are_one_defect() -> None:
+    """The model sees a needle line in pieces (rows 20-64 and 128-165, a tile row between them below the
+    threshold), sometimes only one of them: one track, one event. A hole in the same frames, beside it
+    in other columns, is its own."""
+    t = tracker()
+    frames = run(t, range(0, 8), lambda s: (at(s, 500, 20, w=28, h=44) + at(s, 500, 128, w=27, h=37)
+                                           if s % 3 else at(s, 500, 128, w=27, h=37))
+                 + (at(s, 600, 140, w=40, h=40) if s >= 4 else []))
+    assert [e[1] for e in events(frames)] == [1, 2] and t.tracks_total == 2
