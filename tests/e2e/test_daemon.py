@@ -8,7 +8,6 @@ SIGTERM -> clean exit within 10 s and no process left behind.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 from knitwatch.pipeline.offline.demo import train_simulator_model
 from tests.helpers.cli import KNITWATCH, clean_env
 from tests.helpers.net import free_port, wait_for
+from tests.helpers.procs import alive, read_json_lines
 
 W, H, TILE = 256, 128, 64
 SPEED, REV = 24.0, 60
@@ -59,27 +59,6 @@ def json_to_toml(cfg: dict) -> str:
     from knitwatch.daemon.cli.common import to_toml
 
     return to_toml(cfg)
-
-
-def read_json_lines(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass  # a line being written
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_daemon_detects_restarts_and_stops_cleanly(tmp_path: Path, tiny_model: Path) -> None:

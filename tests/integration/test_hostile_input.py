@@ -31,21 +31,10 @@ from tests.helpers.cli import KNITWATCH, clean_env
 from tests.helpers.hostile import confused, encode_raw, frame_header, fuzz_parts, valid
 from tests.helpers.models import untrained_checkpoint
 from tests.helpers.net import free_port, wait_for
+from tests.helpers.procs import read_json_lines
 from tests.helpers.stages import GARBAGE, StageUnderTest
 
 SEED = 15_04
-
-
-def read_json_lines(path: Path) -> list[dict[str, Any]]:
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.startswith("{"):
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass  # a line being written
-    return out
 
 
 def send_all(sock: zmq.Socket, messages: list[list[bytes]], prefix: list[bytes] | None = None) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tests.helpers.net import wait_for
 from tests.helpers.paths import ROOT
+from tests.helpers.procs import alive
 
 PARENT = """
 import multiprocessing as mp, sys, time
@@ -23,16 +24,6 @@ if __name__ == "__main__":
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie (already dead, waiting for its reaper) counts as gone
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split(") ", 1)[1][:1] != "Z"
-
-
 def test_a_starting_stage_dies_with_its_killed_supervisor(tmp_path: Path) -> None:
     pid_file = tmp_path / "stage.pid"
     script = tmp_path / "parent.py"
@@ -43,13 +34,13 @@ def test_a_starting_stage_dies_with_its_killed_supervisor(tmp_path: Path) -> Non
         wait_for(lambda: pid_file.exists() and pid_file.read_text().strip() != "", timeout=60, what="stage start",
                  proc=parent)
         child = int(pid_file.read_text())
-        assert _alive(child)
+        assert alive(child)
         parent.send_signal(signal.SIGKILL)  # the supervisor is killed while the stage is still "loading"
         parent.wait(10)
         deadline = time.monotonic() + 10
-        while _alive(child) and time.monotonic() < deadline:
+        while alive(child) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(child), "the stage process outlived its killed supervisor (orphan)"
+        assert not alive(child), "the stage process outlived its killed supervisor (orphan)"
     finally:
         parent.kill()
         if pid_file.exists() and pid_file.read_text().strip():
