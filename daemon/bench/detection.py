@@ -208,8 +208,14 @@ def cmd_bench_detection(args: argparse.Namespace) -> int:
         raise CliError(f"--fps must be above 0 and at most 240 (got {args.fps})")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise CliError(f"checkpoint not found: {args.checkpoint}")
-    setup_logging("bench", level="WARNING", fmt=args.log_format or "auto")
     work = args.workdir
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / ".write-test").touch()
+        (work / ".write-test").unlink()
+    except OSError as e:
+        raise CliError(f"--workdir {work}: cannot make or write the folder ({e.strerror or e})") from None
+    setup_logging("bench", level="WARNING", fmt=args.log_format or "auto")
     try:  # the store, the decisions and the model go there: a missing folder is made, a bad one named
         work.mkdir(parents=True, exist_ok=True)
         probe = work / ".knitwatch-write-test"
