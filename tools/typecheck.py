@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     packages = argv or cfg["packages"]
     unknown = [p for p in packages if p not in FOLDERS]
     if unknown:
-        print(f"typecheck: unknown package(s) {unknown}; one of {', '.join(FOLDERS)}", file=sys.stderr)
+        sys.stderr.write(f"typecheck: unknown package(s) {unknown}; one of {', '.join(FOLDERS)}\n")
         return 2
     tree = ROOT / "build" / "typecheck"
     (tree / "knitwatch").mkdir(parents=True, exist_ok=True)
