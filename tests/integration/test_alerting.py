@@ -6,76 +6,24 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import zmq
 
-from knitwatch.config.settings import AlertConfig, CameraConfig, PlcConfig, SeverityClassConfig, StoreConfig
-from knitwatch.pipeline import wire
+from knitwatch.config.settings import StoreConfig
 from knitwatch.pipeline.actions.simplc import SimulatedPlc
 from knitwatch.pipeline.store.database import FILE_KINDS, Store
+from tests.helpers.alert import AlertUnderTest, knitwatch_ack, plc_cfg
 from tests.helpers.net import free_port, sample, wait_for
-from tests.helpers.stages import StageUnderTest
 
-CAM = CameraConfig(id="c")
-ALERT = AlertConfig(confirm_k=2, confirm_n=3, min_area_px=4, cooldown_frames=10,
-                    severity=[SeverityClassConfig(name="major", action="stop", min_area_px=50),
-                              SeverityClassConfig(name="minor", action="alarm")])
 H, W = 480, 640
-
-
-def plc_cfg(port: int, **kw: Any) -> PlcConfig:  # noqa: ANN401
-    return PlcConfig(**{"driver": "modbus", "host": "127.0.0.1", "port": port, "stop_address": 0,
-                        "heartbeat_address": 1, "heartbeat_s": 0.1, "heartbeat_idle_s": 0, "retry_initial_s": 0.05,
-                        "retry_max_s": 0.3, "timeout_s": 0.5, **kw})
-
-
-class Alert:
-    """A running alert stage and a PUSH socket to feed it results."""
-
-    def __init__(self, run_dir: Path, store_dir: Path, plc: PlcConfig) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ep = f"ipc://{run_dir}/r.sock"
-        self.stage = StageUnderTest(run_dir, "knitwatch.pipeline.stages.alert", "alert", results_endpoint=ep,
-                                    thresholds={"image": 1.0, "pixel": 0.5}, alert=ALERT, cameras=[CAM], plc=plc,
-                                    store=StoreConfig(path=store_dir, fsync=False),
-                                    model={"kind": "efficientad", "id": "ckpt-test-1"})
-        self.push = self.stage.socket(zmq.PUSH, ep, bind=False)
-        self.frame = np.random.default_rng(0).integers(60, 200, (H, W), dtype=np.uint8)
-
-    def send(self, seq: int, defect: bool, area: tuple[int, int] = (20, 30), *, at: tuple[int, int] = (100, 200),
-             more: tuple[tuple[int, int], ...] = (), pos: dict | None = None) -> None:
-        """A result whose anomaly map holds a defect of ``area`` (rows, columns) at ``at`` (row, column)
-        and at each of ``more``; ``pos``: the frame's fabric position header."""
-        amap = np.zeros((H, W), np.float32)
-        if defect:
-            for y, x in (at, *more):
-                amap[y : y + area[0], x : x + area[1]] = 2.0
-        head = {"cam": "c", "seq": seq, "epoch": 1, "t_wall_ns": time.time_ns(), "t_mono_ns": time.monotonic_ns(),
-                "image_score": float(amap.max()), "tile_scores": [float(amap.max())]}
-        if pos is not None:
-            head["pos"] = pos
-        wire.send(self.push, "result", head, [amap, self.frame])
-
-    def stats(self, pred: object, timeout: float = 20.0) -> dict:
-        return self.stage.wait_stats(pred, timeout)
-
-
-def knitwatch_ack(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KNITWATCH_")}
-    return subprocess.run([sys.executable, "-m", "knitwatch.daemon", "--config", str(config), "ack", *args],
-                          capture_output=True, text=True, env=env, timeout=60)
 
 
 def test_confirmed_defect_stops_the_machine_and_ack_resets_it(tmp_path: Path) -> None:
     plc = SimulatedPlc().start()
     store_dir = tmp_path / "store"
-    a = Alert(tmp_path / "run", store_dir, plc_cfg(plc.port))
+    a = AlertUnderTest(tmp_path / "run", store_dir, plc_cfg(plc.port))
     try:
         a.stats(lambda s: s.get("actions", {}).get("plc_connected"))
         a.send(0, False)
@@ -128,7 +76,7 @@ def test_confirmed_defect_stops_the_machine_and_ack_resets_it(tmp_path: Path) ->
 
 def test_isolated_false_alarms_do_not_stop_and_the_heartbeat_follows_inspection(tmp_path: Path) -> None:
     plc = SimulatedPlc().start()
-    a = Alert(tmp_path / "run", tmp_path / "store", plc_cfg(plc.port, heartbeat_idle_s=1.0, alarm_address=2))
+    a = AlertUnderTest(tmp_path / "run", tmp_path / "store", plc_cfg(plc.port, heartbeat_idle_s=1.0, alarm_address=2))
     try:
         a.stats(lambda s: s.get("actions", {}).get("plc_connected"))
         for seq in range(12):  # every third frame defective: never 2 of the last 3
@@ -184,7 +132,7 @@ def test_isolated_false_alarms_do_not_stop_and_the_heartbeat_follows_inspection(
 def test_stop_lands_when_the_plc_comes_up_and_survives_a_killed_inspector(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there yet: the PLC is down
     store_dir = tmp_path / "store"
-    a = Alert(tmp_path / "run1", store_dir, plc_cfg(port))
+    a = AlertUnderTest(tmp_path / "run1", store_dir, plc_cfg(port))
     plc = None
     try:
         for seq in range(3):
@@ -215,7 +163,7 @@ def test_stop_lands_when_the_plc_comes_up_and_survives_a_killed_inspector(tmp_pa
     finally:
         a.stage.stop()
 
-    b = Alert(tmp_path / "run2", store_dir, plc_cfg(port))
+    b = AlertUnderTest(tmp_path / "run2", store_dir, plc_cfg(port))
     try:
         wait_for(lambda: plc.coil(0), timeout=20)  # the latch lives in the store: the stop is asserted again
         s = b.stats(lambda s: s.get("actions", {}).get("latched_cameras", {}).get("stop") == ["c"])
@@ -249,7 +197,7 @@ def test_every_defect_at_its_own_place_is_its_own_event_and_stop(tmp_path: Path)
     fourth defect in the very same frames as each other: two more events."""
     plc = SimulatedPlc().start()
     store_dir = tmp_path / "store"
-    a = Alert(tmp_path / "run", store_dir, plc_cfg(plc.port))
+    a = AlertUnderTest(tmp_path / "run", store_dir, plc_cfg(plc.port))
     store = Store.from_config(StoreConfig(path=store_dir, fsync=False))
     try:
         a.stats(lambda s: s.get("actions", {}).get("plc_connected"))

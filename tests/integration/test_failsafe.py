@@ -13,20 +13,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import zmq
 
-from knitwatch.config.settings import AlertConfig, CameraConfig, PlcConfig, SeverityClassConfig, StoreConfig
-from knitwatch.pipeline import wire
+from knitwatch.config.settings import CameraConfig, PlcConfig, StoreConfig
 from knitwatch.pipeline.actions import ActionRunner, Job, LogDriver
 from knitwatch.pipeline.actions.latch import (
     LATCH_FILE,
@@ -39,57 +34,14 @@ from knitwatch.pipeline.actions.latch import (
 )
 from knitwatch.pipeline.actions.simplc import SimulatedPlc
 from knitwatch.pipeline.store.database import FILE_KINDS, Store
+from tests.helpers.alert import AlertUnderTest, knitwatch_ack, plc_cfg
 from tests.helpers.net import sample, wait_for
-from tests.helpers.stages import StageUnderTest
 
-CAM = CameraConfig(id="c")
-ALERT = AlertConfig(confirm_k=2, confirm_n=3, min_area_px=4, cooldown_frames=10,
-                    severity=[SeverityClassConfig(name="major", action="stop", min_area_px=50),
-                              SeverityClassConfig(name="minor", action="alarm")])
 H, W = 120, 160
 
 
-def plc_cfg(port: int) -> PlcConfig:
-    return PlcConfig(driver="modbus", host="127.0.0.1", port=port, stop_address=0, heartbeat_address=1,
-                     heartbeat_s=0.1, heartbeat_idle_s=0, retry_initial_s=0.05, retry_max_s=0.3, timeout_s=0.5)
-
-
-class Alert:
-    """A running alert stage (a real process) and a PUSH socket to feed it results."""
-
-    def __init__(self, run_dir: Path, store: StoreConfig, plc: PlcConfig) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ep = f"ipc://{run_dir}/r.sock"
-        self.stage = StageUnderTest(run_dir, "knitwatch.pipeline.stages.alert", "alert", results_endpoint=ep,
-                                    thresholds={"image": 1.0, "pixel": 0.5}, alert=ALERT, cameras=[CAM], plc=plc,
-                                    store=store, model={"kind": "efficientad", "id": "ckpt-test-1"})
-        self.push = self.stage.socket(zmq.PUSH, ep, bind=False)
-        self.frame = np.random.default_rng(0).integers(60, 200, (H, W), dtype=np.uint8)
-
-    def send(self, seq: int, defect: bool, epoch: int = 1) -> None:
-        amap = np.zeros((H, W), np.float32)
-        if defect:
-            amap[40:60, 50:80] = 2.0
-        head = {"cam": "c", "seq": seq, "epoch": epoch, "t_wall_ns": time.time_ns(), "t_mono_ns": time.monotonic_ns(),
-                "image_score": float(amap.max()), "tile_scores": [float(amap.max())]}
-        wire.send(self.push, "result", head, [amap, self.frame])
-
-    def defect(self, epoch: int) -> None:
-        """A confirmed major defect (two defective frames of three): a stop event."""
-        for seq in range(3):
-            self.send(seq, seq > 0, epoch=epoch)
-
-    def stats(self, pred: Any, timeout: float = 30.0) -> dict[str, Any]:  # noqa: ANN401
-        return self.stage.wait_stats(pred, timeout)
-
-    def actions(self, pred: Any, timeout: float = 30.0) -> dict[str, Any]:  # noqa: ANN401
-        return self.stats(lambda s: bool(s.get("actions")) and pred(s["actions"]), timeout)["actions"]
-
-    def kill(self) -> None:
-        """SIGKILL: the process dies where it stands (the PLC keeps what it holds)."""
-        os.kill(self.stage.proc.pid, signal.SIGKILL)
-        self.stage.proc.join(10)
-        self.stage.stop()
+def alert(run_dir: Path, store: StoreConfig, plc: PlcConfig) -> AlertUnderTest:
+    return AlertUnderTest(run_dir, store, plc, shape=(H, W), defect_at=(40, 50))
 
 
 def stays_on(plc: SimulatedPlc, seconds: float = 1.0) -> bool:
@@ -107,13 +59,7 @@ def write_config(path: Path, store: StoreConfig) -> Path:
     return path
 
 
-def knitwatch_ack(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KNITWATCH_")}
-    return subprocess.run([sys.executable, "-m", "knitwatch.daemon", "--config", str(config), "ack", *args],
-                          capture_output=True, text=True, env=env, timeout=60)
-
-
-def latch_a_stop(a: Alert, plc: SimulatedPlc, epoch: int = 1) -> dict[str, Any]:
+def latch_a_stop(a: AlertUnderTest, plc: SimulatedPlc, epoch: int = 1) -> dict[str, Any]:
     a.actions(lambda s: s.get("plc_connected"))
     a.defect(epoch)
     wait_for(lambda: plc.coil(0), timeout=10, what="the stop on the PLC")
@@ -164,7 +110,7 @@ def test_corrupt_index_at_start_keeps_the_stop_and_ack_works_without_it(tmp_path
     plc = SimulatedPlc().start()
     store = StoreConfig(path=tmp_path / "store", fsync=False)
     cfg = write_config(tmp_path / "k.toml", store)
-    a = Alert(tmp_path / "run1", store, plc_cfg(plc.port))
+    a = alert(tmp_path / "run1", store, plc_cfg(plc.port))
     try:
         latch_a_stop(a, plc)
     finally:
@@ -174,7 +120,7 @@ def test_corrupt_index_at_start_keeps_the_stop_and_ack_works_without_it(tmp_path
     for side in ("-wal", "-shm"):
         Path(f"{index}{side}").unlink(missing_ok=True)
 
-    b = Alert(tmp_path / "run2", store, plc_cfg(plc.port))
+    b = alert(tmp_path / "run2", store, plc_cfg(plc.port))
     try:
         s = b.actions(lambda s: s.get("plc_connected"))
         assert stays_on(plc), "the stop was released without an acknowledge"
@@ -208,7 +154,7 @@ def test_corrupt_index_at_start_keeps_the_stop_and_ack_works_without_it(tmp_path
         fresh.close()
     finally:
         assert b.stage.stop() == 0
-    c = Alert(tmp_path / "run3", store, plc_cfg(plc.port))  # nothing latched: a restart keeps it off
+    c = alert(tmp_path / "run3", store, plc_cfg(plc.port))  # nothing latched: a restart keeps it off
     try:
         c.actions(lambda s: s.get("plc_connected") and s["pending"] == 0)
         assert stays_off(plc, 0.5) and not c.actions(lambda s: True)["latched"]
@@ -222,13 +168,13 @@ def test_read_only_store_at_start_keeps_the_stop(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "disk", "32m") as disk:
         store = StoreConfig(path=disk / "store", fsync=False)
         cfg = write_config(tmp_path / "k.toml", store)
-        a = Alert(tmp_path / "run1", store, plc_cfg(plc.port))
+        a = alert(tmp_path / "run1", store, plc_cfg(plc.port))
         try:
             latch_a_stop(a, plc)
         finally:
             a.kill()
         remount(disk, "ro")
-        b = Alert(tmp_path / "run2", store, plc_cfg(plc.port))
+        b = alert(tmp_path / "run2", store, plc_cfg(plc.port))
         try:
             b.actions(lambda s: s.get("plc_connected"))
             assert stays_on(plc), "the stop was released without an acknowledge"
@@ -252,7 +198,7 @@ def test_full_disk_keeps_the_stop_and_takes_the_acknowledge(tmp_path: Path) -> N
     with tmpfs(tmp_path / "disk", "8m") as disk:
         store = StoreConfig(path=disk / "store", fsync=False)
         cfg = write_config(tmp_path / "k.toml", store)
-        a = Alert(tmp_path / "run1", store, plc_cfg(plc.port))
+        a = alert(tmp_path / "run1", store, plc_cfg(plc.port))
         b = None
         try:
             a.actions(lambda s: s.get("plc_connected"))
@@ -269,7 +215,7 @@ def test_full_disk_keeps_the_stop_and_takes_the_acknowledge(tmp_path: Path) -> N
             assert not plc.coil(0)
             latch_a_stop(a, plc, epoch=2)  # a new stop, still on the full disk, then a restart
             a.kill()
-            b = Alert(tmp_path / "run2", store, plc_cfg(plc.port))
+            b = alert(tmp_path / "run2", store, plc_cfg(plc.port))
             b.actions(lambda s: s.get("plc_connected"))
             assert stays_on(plc), "a restart on a full disk released the stop"
             filler.unlink()  # room again
@@ -289,7 +235,7 @@ def test_store_folder_removed_while_running(tmp_path: Path) -> None:
     plc = SimulatedPlc().start()
     store = StoreConfig(path=tmp_path / "store", fsync=False)
     cfg = write_config(tmp_path / "k.toml", store)
-    a = Alert(tmp_path / "run1", store, plc_cfg(plc.port))
+    a = alert(tmp_path / "run1", store, plc_cfg(plc.port))
     try:
         latch_a_stop(a, plc)
         shutil.rmtree(store.path)
@@ -305,7 +251,7 @@ def test_store_folder_removed_while_running(tmp_path: Path) -> None:
         view.close()
     finally:
         a.kill()
-    b = Alert(tmp_path / "run2", store, plc_cfg(plc.port))  # the next start: pictures kept, stop kept
+    b = alert(tmp_path / "run2", store, plc_cfg(plc.port))  # the next start: pictures kept, stop kept
     try:
         b.actions(lambda s: s.get("plc_connected"))
         assert stays_on(plc)
