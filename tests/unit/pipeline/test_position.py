@@ -272,7 +272,8 @@ def test_plc_32_bit_counter_read_by_the_thread(plc: SimulatedPlc) -> None:
         machine.set(20, 1, 5)  # high word first: 65541
         machine.set(22, 1800)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (est.reader.latest() or (0,))[0] != 65541:
+        # the test sets the two registers one after the other: wait for a read that saw both
+        while time.monotonic() < deadline and (est.reader.latest() or (0, None))[:2] != (65541, 1800):
             time.sleep(0.02)
         pos = est.update(np.zeros((8, 8), np.uint8))
         assert (pos["rev"], pos["offset_px"], pos["ok"]) == (65541, 500.0, True)
