@@ -138,7 +138,8 @@ def _ack_by_mailbox(args: argparse.Namespace, by: str, scope: str, latch_dir: Pa
                     store_problem: str) -> int:
     """The store's index cannot take the acknowledge: the latch folder's mailbox does (in place, so a
     full disk takes it too); the daemon reports it back in the latch file."""
-    from knitwatch.pipeline.actions.latch import LatchFileError, iso_of, post_ack_request, read_view
+    from knitwatch.pipeline.actions.latch import LatchFileError, post_ack_request, read_view
+    from knitwatch.pipeline.store.database import iso_utc
 
     try:
         req = post_ack_request(latch_dir, by=by, camera=args.camera, note=args.note or "",
@@ -169,7 +170,8 @@ def _ack_by_mailbox(args: argparse.Namespace, by: str, scope: str, latch_dir: Pa
     if not entry.get("cleared_ns"):
         raise CliError(f"acknowledge {token} reset the latch ({released} event(s)), but the PLC has not confirmed "
                        f"the reset within {args.wait:g} s; it is retried", EXIT_FAIL)
-    sys.stdout.write(f"applied at {iso_of(entry.get('handled_ns'))}, outputs reset at {iso_of(entry['cleared_ns'])} "
+    sys.stdout.write(f"applied at {iso_utc(entry.get('handled_ns')) or '-'}, "
+                     f"outputs reset at {iso_utc(entry['cleared_ns']) or '-'} "
                      f"({released} event(s) acknowledged); still latched: {_latched_text(_union(now_view))}\n")
     return EXIT_OK
 

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from knitwatch.models.checkpoint import atomic_path
+
 if TYPE_CHECKING:
     from knitwatch.config.settings import StoreConfig
 
@@ -85,32 +87,10 @@ def decode(kind: str, data: bytes, name: str) -> dict[str, Any]:
     return doc["state"]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_new(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, rename over ``path``, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    """Write ``data`` to a new file that replaces ``path`` in one rename (file and folder fsynced)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _overwrite(fd: int, data: bytes) -> None:
@@ -263,15 +243,6 @@ def take_ack_requests(folder: Path | str) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- readers (API, CLI)
-
-
-def iso_of(t_ns: object) -> str:
-    """A wall-clock time in ns as ISO 8601 UTC ("-" when not an int)."""
-    if isinstance(t_ns, bool) or not isinstance(t_ns, int):
-        return "-"
-    import datetime as dt
-
-    return dt.datetime.fromtimestamp(t_ns / 1e9, tz=dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 

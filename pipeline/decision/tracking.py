@@ -116,15 +116,17 @@ def parse_position(value: object) -> tuple[FramePosition | None, str]:
 
 @dataclass
 class TrackerConfig:
-    confirm_k: int = 2
-    confirm_n: int = 3
-    gate_px: float = 64.0  # tube columns and rows
-    frame_gate_px: float = 128.0  # frame columns, without a position
-    lost_frames: int = 50  # a confirmed track unseen this long is closed (the cool-down of one defect)
-    recurrence_stop_revolutions: int = 2  # 0: recurrence never escalates
-    recurrence_memory_revolutions: int = 3  # 0: no recurrence
-    image_threshold: float = 1.0
-    classes: Sequence[SeverityClass] = ()
+    """The tracker's settings: the ``[alert]`` section's (their defaults and meaning live in config/)."""
+
+    confirm_k: int
+    confirm_n: int
+    gate_px: float  # tube columns and rows: track_gate_px
+    frame_gate_px: float  # frame columns, without a position: track_gate_frame_px
+    lost_frames: int  # a confirmed track unseen this long is closed (the cool-down of one defect): cooldown_frames
+    recurrence_stop_revolutions: int  # 0: recurrence never escalates
+    recurrence_memory_revolutions: int  # 0: no recurrence
+    image_threshold: float
+    classes: Sequence[SeverityClass]
 
 
 @dataclass

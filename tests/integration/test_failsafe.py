@@ -84,6 +84,15 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def stop_and_die(run_dir: Path, store: StoreConfig, plc: SimulatedPlc) -> None:
+    """An alert stage latches a stop on the PLC, then is killed where it stands."""
+    a = alert(run_dir, store, plc_cfg(plc.port))
+    try:
+        latch_a_stop(a, plc)
+    finally:
+        a.kill()
+
+
 def remount(path: Path, mode: str) -> None:
     r = subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -110,11 +119,7 @@ def test_corrupt_index_at_start_keeps_the_stop_and_ack_works_without_it(tmp_path
     plc = SimulatedPlc().start()
     store = StoreConfig(path=tmp_path / "store", fsync=False)
     cfg = write_config(tmp_path / "k.toml", store)
-    a = alert(tmp_path / "run1", store, plc_cfg(plc.port))
-    try:
-        latch_a_stop(a, plc)
-    finally:
-        a.kill()
+    stop_and_die(tmp_path / "run1", store, plc)
     index = tmp_path / "store" / "events.sqlite3"
     index.write_bytes(b"this is not an SQLite database\n" * 200)  # corrupt, as a torn disk write leaves it
     for side in ("-wal", "-shm"):
@@ -168,11 +173,7 @@ def test_read_only_store_at_start_keeps_the_stop(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "disk", "32m") as disk:
         store = StoreConfig(path=disk / "store", fsync=False)
         cfg = write_config(tmp_path / "k.toml", store)
-        a = alert(tmp_path / "run1", store, plc_cfg(plc.port))
-        try:
-            latch_a_stop(a, plc)
-        finally:
-            a.kill()
+        stop_and_die(tmp_path / "run1", store, plc)
         remount(disk, "ro")
         b = alert(tmp_path / "run2", store, plc_cfg(plc.port))
         try:
