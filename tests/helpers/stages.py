@@ -12,6 +12,8 @@ import zmq
 from knitwatch.daemon.supervisor import run_stage
 from knitwatch.pipeline import wire
 
+SEND_TIMEOUT_MS = 10_000  # test sockets: a send that finds no peer raises zmq.Again instead of hanging the suite
+
 
 class StageUnderTest:
     def __init__(self, tmp: Path, module: str, name: str, **kwargs: Any) -> None:
@@ -29,6 +31,7 @@ class StageUnderTest:
     def socket(self, kind: int, endpoint: str, bind: bool) -> zmq.Socket:
         s = self.ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)  # a send to a peer that is gone raises, never hangs
         (s.bind if bind else s.connect)(endpoint)
         self.sockets.append(s)
         return s
