@@ -126,11 +126,50 @@ class PositionConfig(Section):
     plc: PositionPlcConfig = PositionPlcConfig()
 
 
+# pixel formats knitwatch takes from a GenICam camera (8 bits a channel); Bayer frames are converted to BGR
+INDUSTRIAL_PIXEL_FORMATS = ("Mono8", "BayerRG8", "BayerGR8", "BayerGB8", "BayerBG8", "RGB8", "BGR8")
+
+
+class IndustrialCameraConfig(Section):
+    """A GenICam camera: ``source = "pylon"`` (Basler's pylon SDK, pypylon) or ``"genicam"`` (any GenTL
+    producer, through harvesters). A setting left unset (none) keeps the camera's own value. Settings are
+    written when the camera opens (again after a reconnect) and read back; a value the camera cannot take
+    is an error that names the camera and the setting."""
+
+    device: str = Field(
+        "", max_length=128,
+        description="the camera's serial number or user-defined name (DeviceUserID); empty: the only camera found")
+    pixel_format: Literal["Mono8", "BayerRG8", "BayerGR8", "BayerGB8", "BayerBG8", "RGB8", "BGR8"] = Field(
+        "Mono8", description="Mono8 (gray); Bayer*8 and RGB8 are converted to BGR")
+    exposure_us: float | None = Field(None, gt=0, le=1e8, description="exposure time in microseconds")
+    gain_db: float | None = Field(None, ge=-50, le=100, description="gain in dB (auto gain is switched off)")
+    width: int | None = Field(None, ge=1, le=65535, description="sensor ROI width in pixels")
+    height: int | None = Field(None, ge=1, le=65535, description="sensor ROI height in pixels")
+    offset_x: int | None = Field(None, ge=0, le=65535, description="sensor ROI left edge")
+    offset_y: int | None = Field(None, ge=0, le=65535, description="sensor ROI top edge")
+    trigger: Literal["free_run", "software", "line"] = Field(
+        "free_run",
+        description="free_run: the camera runs at the camera's fps; software: knitwatch triggers each frame at fps; "
+        "line: a hardware trigger input (e.g. the machine's encoder), fps is the expected trigger rate")
+    trigger_line: str = Field("Line1", pattern=r"^Line[0-9]{1,2}$", description="line: the input line")
+    trigger_edge: Literal["rising", "falling", "any"] = Field("rising", description="line: the edge that triggers")
+    trigger_delay_us: float = Field(0.0, ge=0, le=1e7, description="line: delay from the edge to the exposure")
+    packet_size: int | None = Field(None, ge=220, le=16404, description="GigE: packet size in bytes (jumbo: 8192+)")
+    inter_packet_delay: int | None = Field(
+        None, ge=0, le=10_000_000, description="GigE: delay between packets in camera ticks (several cameras on one link)")
+    frame_timeout_ms: int = Field(
+        1000, ge=10, le=600_000, description="a read waiting longer than this returns no frame (counted as a stall)")
+    buffers: int = Field(8, ge=2, le=256, description="grab buffers of the SDK")
+    emulator_images: Path | None = Field(
+        None, description="pylon camera emulator only (PYLON_CAMEMU=N): stream this folder's images (tests, demos)")
+    gentl_producer: Path | None = Field(None, description="genicam: the GenTL producer file (.cti) of the camera vendor")
+
+
 class CameraConfig(Section):
     """One camera: where frames come from."""
 
     id: str = Field("cam0", pattern=r"^[A-Za-z0-9_-]{1,32}$")
-    source: Literal["simulator", "opencv", "folder"] = "simulator"
+    source: Literal["simulator", "opencv", "folder", "pylon", "genicam"] = "simulator"
     uri: str = Field(
         "",
         description="opencv: device index, file, RTSP/HTTP URL or GStreamer pipeline; folder: a directory",
@@ -143,9 +182,12 @@ class CameraConfig(Section):
     pixel_threshold: float | None = Field(None, description="overrides the checkpoint's pixel threshold")
     simulator: SimulatorConfig = SimulatorConfig()
     position: PositionConfig = PositionConfig()
+    industrial: IndustrialCameraConfig = IndustrialCameraConfig()  # source "pylon" / "genicam"
 
     @model_validator(mode="after")
     def _source_needs_uri(self) -> CameraConfig:
+        if self.source == "genicam" and self.industrial.gentl_producer is None:
+            raise ValueError("source 'genicam' needs industrial.gentl_producer (the vendor's GenTL .cti file)")
         if self.source in ("opencv", "folder") and not self.uri:
             raise ValueError(f"source '{self.source}' needs 'uri'")
         if self.position.source == "simulator" and self.source != "simulator":
@@ -328,6 +370,14 @@ class PlcConfig(Section):
     # command
     command: list[str] = Field(default_factory=list, description="program and arguments for driver 'command'")
     command_timeout_s: float = Field(10.0, gt=0, le=600)
+    # the doff signal (a new roll starts on its rising edge; read over Modbus TCP from host/port/unit_id
+    # whatever the driver, by the alert stage)
+    doff_address: int | None = Field(
+        None, ge=0, le=65535, description="Modbus address of the doff signal: a new roll starts when it goes from 0 "
+        "to non-zero (none: no doff signal)")
+    doff_table: Literal["coil", "discrete_input", "holding_register", "input_register"] = Field(
+        "coil", description="where the doff signal is: coil, discrete_input, holding_register or input_register")
+    doff_poll_s: float = Field(0.2, gt=0, le=10, description="read the doff signal this often")
 
     @model_validator(mode="after")
     def _driver_needs(self) -> PlcConfig:
@@ -341,6 +391,41 @@ class PlcConfig(Section):
             raise ValueError("heartbeat_address must differ from stop_address and alarm_address")
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_max_s must not be below retry_initial_s")
+        if self.doff_address is not None and self.doff_table == "coil" and self.doff_address in (
+            self.stop_address, self.alarm_address, self.heartbeat_address
+        ) and self.output == "coil":
+            raise ValueError("doff_address must differ from the stop, alarm and heartbeat coils")
+        return self
+
+
+class RollConfig(Section):
+    """Rolls and the roll report (``knitwatch roll``): the fabric's size for positions in metres and the
+    points grade (4-point system, ASTM D5430 style). Unset values make the report say "not configured"
+    for what needs them, never a guess."""
+
+    machine: str = Field("", max_length=200, description="the machine's name on roll reports")
+    fabric_width_m: float | None = Field(
+        None, gt=0, le=20, description="width of the fabric as graded, in metres (tubular fabric: its open width, "
+        "twice the flat tube's)")
+    metres_per_revolution: float | None = Field(
+        None, gt=0, le=10, description="fabric length knitted per machine revolution, in metres (courses per "
+        "revolution = feeders, times the course length)")
+    pixels_per_mm: float | None = Field(
+        None, gt=0, le=1000, description="frame pixels per millimetre of fabric (defect lengths for the points)")
+    four_point_severities: list[str] = Field(
+        default_factory=list, description="severity classes counted as holes/openings: 4 points whatever their "
+        "length")
+    grade_a_max: float = Field(
+        24.0, ge=0, le=100_000, description="grade A up to this many points per 100 m² (24 ~ 20 per 100 yd²)")
+    grade_b_max: float = Field(
+        48.0, ge=0, le=100_000, description="grade B up to this many points per 100 m² (48 ~ 40 per 100 yd²); "
+        "above: C")
+
+    @model_validator(mode="after")
+    def _grades_ordered(self) -> RollConfig:
+        if self.grade_b_max < self.grade_a_max:
+            raise ValueError(f"grade_b_max ({self.grade_b_max:g}) must not be below grade_a_max "
+                             f"({self.grade_a_max:g})")
         return self
 
 
@@ -448,6 +533,7 @@ class Settings(BaseSettings):
     daemon: DaemonConfig = DaemonConfig()
     plc: PlcConfig = PlcConfig()
     store: StoreConfig = StoreConfig()
+    roll: RollConfig = RollConfig()
     api: ApiConfig = ApiConfig()
     logging: LoggingConfig = LoggingConfig()
 

@@ -33,11 +33,12 @@ from knitwatch.config import Settings
 from knitwatch.daemon.logs import setup_logging
 from knitwatch.daemon.telemetry import GpuTelemetry, gpu_stats
 from knitwatch.pipeline import security, wire
-from knitwatch.pipeline.stages.common import die_with_parent
+from knitwatch.pipeline.stages.common import die_with_parent, max_message_bytes, set_max_message_bytes
 
 log = structlog.get_logger(__name__)
 
 LAYERS = ("capture", "tiler", "infer", "alert")
+CONTROL_MAX_MESSAGE_BYTES = 4 * 2**20  # a heartbeat (a stage's stats) is a few kB
 
 
 def sd_notify(message: str) -> bool:
@@ -67,6 +68,13 @@ def run_stage(module: str, name: str, kwargs: dict, log_level: str, log_format: 
     or it would join the next daemon with the old checkpoint."""
     die_with_parent(os.getppid())
     setup_logging(name, level=log_level, fmt=log_format)
+    kwargs = dict(kwargs)
+    limit = kwargs.pop("_max_message_bytes", None)
+    if limit is None:  # from the stage's own camera settings (a stage started without a supervisor)
+        cams = kwargs.get("cameras") or ([kwargs["camera"]] if "camera" in kwargs else [])
+        limit = max_message_bytes(cams) if cams else None
+    if limit is not None:
+        set_max_message_bytes(limit)
     try:
         rc = importlib.import_module(module).run(name=name, **kwargs)
     except Exception:
@@ -115,6 +123,34 @@ class GiveUp(Exception):
     pass
 
 
+def _count(stats: dict, key: str) -> int:
+    """A counter of a stage's heartbeat (a free key there may hold anything: not a count is 0)."""
+    v = stats.get(key, 0)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def frames_held(layer: str, stats: dict) -> int:
+    """Frames a stage had taken and not yet passed on, by its last heartbeat: lost if it dies now.
+
+    capture: captured, not sent and not dropped (its queue); tiler: the tiled frames waiting for a worker;
+    infer: the tiles messages taken (``taken``) less the results sent, the ones refused and the ones given
+    up at shutdown; alert: results taken less the frames decided and those of unknown cameras. A frame
+    taken after the last heartbeat is not seen (the count is a lower bound; one frame per stage at most)."""
+    if layer == "capture":
+        n = _count(stats, "captured") - _count(stats, "sent") - _count(stats, "dropped")
+    elif layer == "tiler":
+        n = _count(stats, "waiting_frames")
+    elif layer == "infer":
+        reasons = stats.get("bad_message_reasons")
+        refused = _count(reasons, "tiles.model") if isinstance(reasons, dict) else 0
+        n = _count(stats, "taken") - _count(stats, "frames") - refused - _count(stats, "lost_at_shutdown")
+    elif layer == "alert":
+        n = _count(stats, "taken") - _count(stats, "inspected") - _count(stats, "unknown_camera")
+    else:
+        n = 0
+    return max(0, n)
+
+
 class Supervisor:
     def __init__(self, settings: Settings, *, checkpoint: dict, log_level: str = "INFO", log_format: str = "json",
                  run_dir: Path | None = None) -> None:
@@ -145,6 +181,7 @@ class Supervisor:
         self._totals: dict[tuple[str, str], Counter] = collections.defaultdict(Counter)
         self._window: collections.deque = collections.deque(maxlen=12)  # (t, {cam: (captured, inspected)})
         self.bad_control: collections.Counter[str] = collections.Counter()  # dropped control messages by reason
+        self.lost_in_flight: collections.Counter[str] = collections.Counter()  # per stage: frames it died with
         self._bad_control_logged = 0.0
 
     def _runtime_dir(self) -> Path:
@@ -186,7 +223,8 @@ class Supervisor:
         return out
 
     def _start(self, sp: StageProc) -> None:
-        kwargs = {"control_endpoint": self.endpoints["control"], **sp.spec.kwargs}
+        kwargs = {"control_endpoint": self.endpoints["control"], **sp.spec.kwargs,
+                  "_max_message_bytes": max_message_bytes(self.settings.cameras)}
         p = self.mp.Process(target=run_stage, name=f"knitwatch-{sp.spec.name}",
                             args=(sp.spec.module, sp.spec.name, kwargs, self.log_level, self.log_format))
         p.start()
@@ -199,14 +237,23 @@ class Supervisor:
     def _alive(self, sp: StageProc) -> bool:
         return sp.process is not None and sp.process.is_alive()
 
+    def _count_lost(self, sp: StageProc) -> int:
+        """The frames a dead stage held (by its last heartbeat), counted as lost in flight."""
+        n = frames_held(sp.spec.layer, sp.stats)
+        if n:
+            self.lost_in_flight[sp.spec.name] += n
+        sp.stats = {k: v for k, v in sp.stats.items() if k == "ready"}  # counted once
+        return n
+
     def _schedule_restart(self, sp: StageProc, reason: str) -> None:
         now = time.monotonic()
         sp.restarts.append(now)
         sp.restart_count += 1
         recent = sum(1 for t in sp.restarts if now - t < 60)
         limit = self.settings.daemon.max_restarts_per_minute
+        lost = self._count_lost(sp)
         log.error("stage failed, restarting", stage_name=sp.spec.name, reason=reason, restarts=sp.restart_count,
-                  retry_in_s=sp.backoff)
+                  retry_in_s=sp.backoff, frames_lost_in_flight=lost)
         if recent > limit:
             raise GiveUp(f"stage {sp.spec.name} failed {recent} times within a minute (limit {limit}): giving up")
         sp.restart_at = now + sp.backoff
@@ -364,6 +411,7 @@ class Supervisor:
             "stages": stages,
             "model_ms_p50": [m for m in model_ms if m is not None],
             "bad_control_messages": dict(self.bad_control),
+            "lost_in_flight": {"total": sum(self.lost_in_flight.values()), "by_stage": dict(self.lost_in_flight)},
             "stats_time": time.time(),
         }
         gpu = gpu_stats(self.gpu, stages, {sp.pid for sp in self.procs.values() if sp.pid is not None})
@@ -378,6 +426,8 @@ class Supervisor:
         extra = {"gpu": self.snapshot["gpu"]} if "gpu" in self.snapshot else {}
         if self._health.get("degraded"):
             extra["degraded"] = self._health["degraded"]
+        if self.lost_in_flight:
+            extra["lost_in_flight"] = self.snapshot["lost_in_flight"]
         log.info("stats", cameras=self.snapshot["cameras"], healthy=self.snapshot["healthy"],
                  restarts={n: sp.restart_count for n, sp in self.procs.items() if sp.restart_count}, **extra)
         for cam, c in self.snapshot["cameras"].items():
@@ -418,6 +468,7 @@ class Supervisor:
         zctx = zmq.Context()
         ctl = zctx.socket(zmq.PULL)
         ctl.setsockopt(zmq.LINGER, 0)
+        ctl.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_MESSAGE_BYTES)  # heartbeats are small: no peer makes us allocate
         ctl.bind(self.endpoints["control"])
         code = 0
         try:
@@ -485,10 +536,11 @@ class Supervisor:
                     else:
                         sp.process.join(0.05)
                 if sp.process.is_alive():
-                    log.warning("stage did not stop in time, killing it", stage_name=sp.spec.name)
                     sp.process.kill()
+                    log.warning("stage did not stop in time, killed", stage_name=sp.spec.name,
+                                frames_lost_in_flight=self._count_lost(sp))
                 sp.process.join(5)
         if ctl is not None:
             self._collect(ctl, 0)
         self.snapshot = self._stats()
-        log.info("final stats", cameras=self.snapshot["cameras"])
+        log.info("final stats", cameras=self.snapshot["cameras"], lost_in_flight=self.snapshot["lost_in_flight"])

@@ -15,6 +15,10 @@ Endpoints (JSON unless noted)::
     GET  /api/alarm                     the latch (cameras with unacknowledged stops / alarms) and recent acks
     POST /api/alarm/ack                 {"by": "...", "camera": null|"id", "note": "..."}; ?wait=S waits for the
                                         alert stage to apply it (reset the latch, clear the PLC's stop output)
+    GET  /api/rolls                     rolls, newest first (limit, offset)
+    GET  /api/rolls/{id|current}/report the roll report: defects, places, counts, points, grade (?format=csv,
+                                        ?length_m=M)
+    POST /api/rolls                     {"by": "...", "note": "..."}: a new roll; ?wait=S waits for the daemon
 
 Security (:mod:`knitwatch.daemon.api.security`): a token (16+ characters) when bound off loopback, only
 loopback Host names on loopback without a token, no cross-site POSTs (``Origin: null`` included), request
@@ -45,7 +49,7 @@ from knitwatch.config.settings import api_token_problem
 from knitwatch.daemon.api.deps import DaemonView, StaticView, StoreHandle
 from knitwatch.daemon.api.metrics import metrics_registry
 from knitwatch.daemon.api.public import Redactor, install_error_handlers, response_class
-from knitwatch.daemon.api.routes import alarm, events, status, web
+from knitwatch.daemon.api.routes import alarm, events, rolls, status, web
 from knitwatch.daemon.api.security import ApiError, Gate, host_check_needed, load_token
 from knitwatch.pipeline.actions.latch import latch_dir_of
 
@@ -75,7 +79,8 @@ def create_app(settings: Settings, view: DaemonView | None = None, *, token: str
     app.state.metrics = metrics_registry(view, stores, app.state.latch_dir)
     app.add_middleware(Gate, token=token, check_host=host_check_needed(token, bound_host or settings.api.host))
     install_error_handlers(app, json_response)
-    for module in (web, status, events, alarm):
+    app.state.roll_settings = settings.roll  # the roll report's [roll] section
+    for module in (web, status, events, alarm, rolls):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.WEB_DIR, check_dir=False), name="static")
     return app

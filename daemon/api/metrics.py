@@ -89,6 +89,7 @@ class DaemonCollector:
         yield restarts
         yield alive
         yield model
+        yield from _industrial_camera_metrics(stages, gauge, counter)
 
         actions = (stages.get("alert") or {}).get("actions") or {}
         if actions:
@@ -152,3 +153,26 @@ def metrics_registry(view: DaemonView, stores: StoreHandle, latch_dir: Path | No
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DaemonCollector(view, stores, latch_dir))
     return registry
+
+
+def _industrial_camera_metrics(stages: dict[str, Any], gauge: Any, counter: Any) -> Iterator[Any]:  # noqa: ANN401
+    """The SDK counters, rates and temperature of the industrial cameras (a capture stage's ``camera_info``)."""
+    infos = {s.get("camera", n.split(".", 1)[-1]): s["camera_info"] for n, s in stages.items()
+             if n.startswith("capture.") and isinstance(s.get("camera_info"), dict)}
+    if not infos:
+        return
+    fams = {
+        "incomplete": counter("camera_frames_incomplete", "incomplete frames from the camera SDK", ["camera"]),
+        "lost": counter("camera_frames_lost", "frames the camera made that never arrived (frame id gaps)",
+                        ["camera"]),
+        "buffer_underruns": counter("camera_buffer_underruns", "SDK buffer underruns", ["camera"]),
+        "disconnects": counter("camera_disconnects", "camera removed or link broken (then reconnected)", ["camera"]),
+        "frame_rate": gauge("camera_frame_rate", "frames delivered per second, measured", ["camera"]),
+        "trigger_rate": gauge("camera_trigger_rate", "frames started per second (triggers), measured", ["camera"]),
+        "temperature_c": gauge("camera_temperature_celsius", "camera temperature where it has one", ["camera"]),
+    }
+    for cam, info in sorted(infos.items()):
+        for key, fam in fams.items():
+            if isinstance(info.get(key), int | float):
+                fam.add_metric([cam], float(info[key]))
+    yield from fams.values()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from knitwatch.daemon.bench import accuracy, detection, model, pipeline, position
+from knitwatch.daemon.bench import accuracy, detection, model, pipeline, position, soak
 from knitwatch.daemon.cli.common import add_group
 
 
@@ -15,3 +15,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     accuracy.register_accuracy(bsub)
     detection.register(bsub)
     position.register(bsub)
+    soak.register(bsub)

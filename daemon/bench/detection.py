@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from knitwatch.config import Settings
 from knitwatch.config.settings import CameraConfig, PositionConfig, SimulatorConfig
 from knitwatch.daemon.bench.pipeline import add_run_options, run_daemon
-from knitwatch.daemon.cli.common import EXIT_FAIL, CliError, checkpoint_summary, table, write_report
+from knitwatch.daemon.cli.common import EXIT_FAIL, CliError, checkpoint_summary, load_config, table, write_report
 from knitwatch.daemon.cli.demo import DEMO_H, DEMO_REV, DEMO_SPEED, DEMO_TILE, DEMO_W
 from knitwatch.daemon.logs import setup_logging
 
@@ -199,7 +198,69 @@ def detection_schedule(frames: int) -> list[dict[str, Any]]:
             for i, k in enumerate(DETECTION_DEFECTS) if 10 + i * every < frames - 20]
 
 
+def _print_report(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        write_report(report, True, 24)
+    else:
+        write_report({k: v for k, v in report.items() if k != "per_defect"}, False, 24)
+        sys.stdout.write("\n" + per_defect_table(report))
+
+
 def cmd_bench_detection(args: argparse.Namespace) -> int:
+    if args.replay is not None and args.record is not None:
+        raise CliError("--record DIR and --replay DIR: one at a time (record first, then replay)")
+    if args.replay is not None:
+        return _cmd_replay(args)
+    if args.record is not None:
+        return _cmd_record(args)
+    if args.set or args.decisions_log is not None:
+        raise CliError("--set and --decisions-log belong to --replay DIR")
+    if args.hours is not None or args.defect_free:
+        raise CliError("--hours and --defect-free belong to --record DIR (the live run streams --frames)")
+    return _cmd_live(args)
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    from knitwatch.daemon.bench.replay import cmd_record
+
+    args.width, args.height = args.size
+    if not 0 < args.fps <= 240:
+        raise CliError(f"--fps must be above 0 and at most 240 (got {args.fps})")
+    setup_logging("bench", level="WARNING", fmt=args.log_format or "auto")
+    manifest = cmd_record(args)
+    summary = {k: manifest.get(k) for k in ("frames", "simulated_hours", "fps", "defect_free", "map_floor",
+                                            "map_pixels_kept", "seconds")}
+    summary.update(model=manifest["model"]["id"], backend=manifest["model"]["backend"],
+                   device=manifest["model"]["device"], folder=str(args.record),
+                   frames_per_s=round(manifest["frames"] / max(manifest["seconds"], 1e-9), 2),
+                   size_mb=round(sum(f.stat().st_size for f in args.record.iterdir()) / 1e6, 1))
+    write_report(summary, bool(args.json), 24)
+    if not args.json:
+        sys.stdout.write(f"\nreplay it: knitwatch bench detection --replay {args.record} [--set alert.KEY=VALUE ...]\n")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from knitwatch.daemon.bench.replay import cmd_replay
+
+    setup_logging("bench", level="WARNING", fmt=args.log_format or "auto")
+    rows, used, manifest = cmd_replay(args)
+    cam = manifest["camera"]
+    alert_min_area = int(used["min_area_px"])
+    confirm_n = int(used["confirm"].split(" of ")[1])
+    report = detection_report(rows, fps=float(manifest["fps"]), min_area_px=alert_min_area, after=confirm_n,
+                              pass_gap=int(cam["simulator"]["revolution_frames"]) // 2)
+    report.update(mode="replay", recording=str(args.replay), complete=bool(manifest.get("complete")),
+                  simulated_hours=manifest.get("simulated_hours"), fps=manifest["fps"],
+                  position=cam.get("position", {}).get("source"), model=manifest["model"]["id"],
+                  recorded_with=f"{manifest['model'].get('backend')} on {manifest['model'].get('device')}",
+                  positioned_frames=used["position"], **{k: v for k, v in used.items() if k != "position"})
+    _print_report(report, bool(args.json))
+    return 0
+
+
+def _cmd_live(args: argparse.Namespace) -> int:
+    from knitwatch.daemon.bench.replay import writable_folder
     from knitwatch.pipeline.offline.demo import train_simulator_model
 
     if args.frames < 60:
@@ -208,21 +269,10 @@ def cmd_bench_detection(args: argparse.Namespace) -> int:
         raise CliError(f"--fps must be above 0 and at most 240 (got {args.fps})")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         raise CliError(f"checkpoint not found: {args.checkpoint}")
+    settings = load_config(args)  # --config and KNITWATCH_* checked first, as by every command: a bad value exits 2
     work = args.workdir
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-        (work / ".write-test").touch()
-        (work / ".write-test").unlink()
-    except OSError as e:
-        raise CliError(f"--workdir {work}: cannot make or write the folder ({e.strerror or e})") from None
+    writable_folder(work, "--workdir")  # the store, the decisions and the model go there
     setup_logging("bench", level="WARNING", fmt=args.log_format or "auto")
-    try:  # the store, the decisions and the model go there: a missing folder is made, a bad one named
-        work.mkdir(parents=True, exist_ok=True)
-        probe = work / ".knitwatch-write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise CliError(f"--workdir {work}: cannot create or write it ({e.strerror or e})") from None
     ckpt_path = args.checkpoint or work / "model.ckpt"
     if not ckpt_path.is_file():
         sys.stderr.write(f"training the demo model ({args.steps} steps) into {ckpt_path} ...\n")
@@ -230,7 +280,6 @@ def cmd_bench_detection(args: argparse.Namespace) -> int:
                               tile=DEMO_TILE, frames=40, steps=args.steps, distill_steps=args.steps // 2)
     ckpt = checkpoint_summary(ckpt_path)
     defects = detection_schedule(args.frames)
-    settings = Settings()
     settings.cameras = [CameraConfig(id="bench", source="simulator", fps=args.fps, width=DEMO_W, height=DEMO_H,
                                      simulator=SimulatorConfig(pitch_px=6.0, speed_px=DEMO_SPEED,
                                                                revolution_frames=DEMO_REV, seed=5, defects=defects),
@@ -258,12 +307,16 @@ def cmd_bench_detection(args: argparse.Namespace) -> int:
                   confirm=f"{settings.alert.confirm_k} of {settings.alert.confirm_n}",
                   recurring_defects=alert_cam.get("recurring_defects"),
                   latency_ms=cam.get("latency_ms"), model=ckpt["id"])
-    if args.json:
-        write_report(report, True, 24)
-    else:
-        write_report({k: v for k, v in report.items() if k != "per_defect"}, False, 24)
-        sys.stdout.write("\n" + per_defect_table(report))
+    _print_report(report, bool(args.json))
     return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, x, h = text.lower().partition("x")
+    try:
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected WIDTHxHEIGHT, e.g. 512x256") from None
 
 
 def register(bsub: argparse._SubParsersAction) -> None:
@@ -275,12 +328,46 @@ def register(bsub: argparse._SubParsersAction) -> None:
                         "through the whole daemon. Per defect: frames seen, flagged, confirmed, events, "
                         "revolutions counted, stopped and the delay from its first frame to the stop; overall: "
                         "recall of stops over all defects and over the confirmed ones, duplicates (more than one "
-                        "event for one defect), false stops per hour of defect-free fabric.")
-    d.add_argument("checkpoint", type=Path, nargs="?", metavar="CKPT", help="default: train the demo model")
-    d.add_argument("--frames", type=int, default=400, help="frames to stream (default 400, at least 60)")
+                        "event for one defect), false stops per hour of defect-free fabric.\n\n"
+                        "Replay mode, for many simulated hours on a CPU and for tuning the decisions without "
+                        "running the model again: 'bench detection CKPT --record DIR [--hours H] [--defect-free]' "
+                        "runs the simulated fabric through the daemon's capture, tiling and inference code in "
+                        "batch (no real-time waiting) and stores per frame what the inference stage gives the "
+                        "alert stage (scores, the anomaly map, the fabric position) and the simulator's truth; "
+                        "'bench detection --replay DIR [--set alert.KEY=VALUE ...]' runs the alert stage's "
+                        "decision layer (the same function) over it with the [alert] settings (of --config, else "
+                        "their defaults), changed by --set, and prints the same report.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("checkpoint", type=Path, nargs="?", metavar="CKPT",
+                   help="the model (live: default trains the demo model; --record: required; --replay: optional, "
+                   "checked to be the recording's model)")
+    d.add_argument("--frames", type=int, default=400, help="frames to stream or record (default 400, at least 60 "
+                   "with defects)")
     d.add_argument("--fps", type=float, default=2.0, help="camera frame rate (default 2: a 2-core CPU keeps up)")
     d.add_argument("--steps", type=int, default=200, help="training steps when no CKPT is given")
     d.add_argument("--position", choices=("image", "simulator", "none"), default="image",
                    help="the camera's fabric position source (default image: estimated from the frames)")
+    rec = d.add_argument_group("record and replay")
+    rec.add_argument("--record", type=Path, metavar="DIR", help="record the model's outputs into DIR (a new or "
+                     "empty folder) instead of running the daemon")
+    rec.add_argument("--hours", type=float, default=None, help="--record: simulated hours at --fps (overrides "
+                     "--frames; 5 h at 2 fps = 36000 frames)")
+    rec.add_argument("--defect-free", action="store_true", help="--record: fabric without scheduled defects "
+                     "(cutlines, lighting drift and the web's motion stay)")
+    rec.add_argument("--size", type=_size, default=(DEMO_W, DEMO_H), metavar="WxH", dest="size",
+                     help=f"--record: the simulated camera's frame size (default {DEMO_W}x{DEMO_H}, the demo's)")
+    rec.add_argument("--seed", type=int, default=5, help="--record: the simulator's seed (default 5, the live run's)")
+    rec.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+                     help="--record: the inference backend (default auto, as [inference] backend)")
+    rec.add_argument("--batch-frames", type=int, default=16, help="--record: frames per forward pass (default 16)")
+    rec.add_argument("--map-floor", type=float, default=None, help="--record: keep anomaly-map pixels at or above "
+                     "this (default half the lower of the checkpoint's thresholds; replay needs thresholds at or "
+                     "above it; 0 keeps every pixel)")
+    rec.add_argument("--replay", type=Path, metavar="DIR", help="run the decision layer over the recording in DIR")
+    rec.add_argument("--set", action="append", metavar="alert.KEY=VALUE", help="--replay: change a decision setting "
+                     "of [alert] (repeatable; VALUE as JSON, e.g. --set alert.confirm_k=3 --set "
+                     "'alert.severity=[{\"name\": \"defect\", \"action\": \"stop\"}]')")
+    rec.add_argument("--decisions-log", type=Path, default=None, metavar="FILE",
+                     help="--replay: write the per-frame decisions (the alert stage's decisions log) to FILE")
     add_run_options(d)
     d.set_defaults(func=cmd_bench_detection)

@@ -23,7 +23,7 @@ import structlog
 
 from knitwatch.config import Settings
 from knitwatch.config.settings import CameraConfig, SimulatorConfig
-from knitwatch.daemon.cli.common import add_device_option, checkpoint_summary, write_report
+from knitwatch.daemon.cli.common import add_device_option, checkpoint_summary, load_config, write_report
 from knitwatch.daemon.logs import setup_logging
 
 log = structlog.get_logger(__name__)
@@ -59,7 +59,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     from knitwatch.pipeline.preprocess import PreprocessConfig, Preprocessor
 
     setup_logging("bench", level="WARNING", fmt=args.log_format or "auto")
-    settings = Settings()
+    settings = load_config(args)  # --config and KNITWATCH_* checked as by every command: a bad value exits 2
     ckpt = checkpoint_summary(args.checkpoint)
     device = resolve_device(args.device)
     batch = args.max_batch_tiles

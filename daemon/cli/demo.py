@@ -179,6 +179,7 @@ class DemoMonitor:
                 "inspected": cam.get("inspected", 0), "dropped": cam.get("dropped", 0),
                 "latency_ms": cam.get("latency_ms", {}), "events": self.events, "stops": self.plc.stops,
                 "stop_output": self.plc.stop_on, "heartbeats": self.plc.heartbeats, "auto_acks": self.auto_acks,
+                "lost_in_flight": int((snap.get("lost_in_flight") or {}).get("total") or 0),
                 "url": self.url}
 
     def _status(self) -> None:
@@ -334,6 +335,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{fmt_coverage(cov)}, {summary['events']} defect event(s), "
               f"{summary['stops']} stop(s) on the simulated PLC\n"
               f"look them up: KNITWATCH_STORE__PATH={settings.store.path} knitwatch defects list\n")
+    if summary["lost_in_flight"]:
+        out.write(f"{summary['lost_in_flight']} frame(s) lost in flight when a stage died (see {log_path})\n")
     if cov is not None and cov < 0.95:
         out.write(f"this CPU did not keep up at {fps:g} fps (coverage {fmt_coverage(cov)}): try --fps {fps / 2:g}\n")
     if rc != 0 and not verbose:

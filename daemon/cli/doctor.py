@@ -87,6 +87,9 @@ def _check_camera(cam: Any, timeout_s: float) -> Check:  # noqa: ANN401
                   "stop a running daemon first, it holds the camera",
         "folder": "check that the folder exists and holds images readable by user knitwatch",
         "simulator": "the simulator needs nothing: report this as a bug",
+        "pylon": "see 'knitwatch cameras list' for the serials pylon sees and 'knitwatch cameras check' for the "
+                 "settings; check the cable/power (GigE: the NIC's address and MTU); stop a running daemon first",
+        "genicam": "check industrial.gentl_producer (the vendor's .cti), 'knitwatch cameras list' and the cable",
     }
     src = make_source(cam)
     t0 = time.monotonic()
@@ -108,6 +111,11 @@ def _check_camera(cam: Any, timeout_s: float) -> Check:  # noqa: ANN401
         return Check(name, "FAIL", f"{what}: opened, but no frame within {timeout_s:g} s", fixes[cam.source])
     shape = "x".join(str(v) for v in (img.shape[1], img.shape[0]))
     ch = "gray" if img.ndim == 2 else f"{img.shape[2]} channels"
+    if cam.source in ("pylon", "genicam"):  # an industrial camera: which one, its settings as read back
+        what = f"{cam.source} {getattr(src, 'model', '')} {getattr(src, 'serial', '')}".rstrip()
+        applied = getattr(src, "settings", {})
+        ch += "; " + ", ".join(f"{k}={v}" for k, v in applied.items()
+                               if v is not None and k in ("pixel_format", "exposure_us", "gain_db", "trigger"))
     return Check(name, "OK", f"{what}: frame {shape} {ch} in {time.monotonic() - t0:.2f} s")
 
 
@@ -243,15 +251,24 @@ def _check_api(settings: Any) -> tuple[Check, dict[str, Any] | None]:  # noqa: A
                  "set [api] port to a free port, or the right token"), None
 
 
+def _check_key_files(settings: Any) -> list[Check]:  # noqa: ANN401
+    """The key files named in the configuration (CURVE keys, the API token file): readable, the right kind,
+    secrets mode 0600."""
+    from knitwatch.daemon.cli.keyfiles import key_file_checks
+
+    return [Check(k.field, k.status, k.detail, k.fix) for k in key_file_checks(settings)]
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     settings, cfg = _check_config(args)
     checks = [cfg]
     if settings is not None:
         api_check, running = _check_api(settings)
         checks.append(_check_model(settings))
+        checks += _check_key_files(settings)
         for cam in settings.cameras:
             live = (running or {}).get("cameras", {}).get(cam.id) if running else None
-            if live is not None and cam.source == "opencv":
+            if live is not None and cam.source in ("opencv", "pylon", "genicam"):  # a camera opens once
                 fps = live.get("fps")
                 checks.append(Check(f"camera {cam.id}", "OK" if fps else "WARN",
                                     f"held by the running daemon: {fps or 0:.2f} fps"))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from knitwatch.daemon.bench import cli as cmd_bench
+from knitwatch.daemon.cli import cameras as cmd_cameras
 from knitwatch.daemon.cli import dataset as cmd_dataset
 from knitwatch.daemon.cli import defects as cmd_defects
 from knitwatch.daemon.cli import demo as cmd_demo
@@ -21,6 +22,7 @@ from knitwatch.daemon.cli import doctor as cmd_doctor
 from knitwatch.daemon.cli import export as cmd_export
 from knitwatch.daemon.cli import keys as cmd_keys
 from knitwatch.daemon.cli import model as cmd_model
+from knitwatch.daemon.cli import roll as cmd_roll
 from knitwatch.daemon.cli import service as cmd_service
 from knitwatch.daemon.cli import status as cmd_status
 from knitwatch.daemon.cli.common import EXIT_OK, CliError, package_version
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # the order of --help's command list
     for module in (cmd_service, cmd_demo, cmd_dataset, cmd_model, cmd_export, cmd_bench, cmd_defects, cmd_status,
-                   cmd_doctor, cmd_keys):
+                   cmd_roll, cmd_doctor, cmd_keys, cmd_cameras):
         module.register(sub)
     return parser
 

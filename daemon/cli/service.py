@@ -32,7 +32,17 @@ log = structlog.get_logger(__name__)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
+    from knitwatch.daemon.cli.keyfiles import key_file_checks
+
     settings = load_config(args)
+    keys = key_file_checks(settings)  # the key files it names, read as the daemon/worker will: named errors, exit 2
+    bad = [k for k in keys if k.status == "FAIL"]
+    if bad:
+        raise CliError("\n".join([f"knitwatch: key files named in the configuration are unusable ({len(bad)} "
+                                   "problem(s)):"] + [f"  - {k.field}: {k.detail} (fix: {k.fix})" for k in bad]))
+    for k in keys:
+        if k.status == "WARN":
+            sys.stderr.write(f"knitwatch: warning: {k.field}: {k.detail} (fix: {k.fix})\n")
     data = settings.model_dump(mode="json")
     if args.json:
         sys.stdout.write(json.dumps(data, indent=2) + "\n")

@@ -92,6 +92,10 @@ def render_status(st: dict[str, Any], url: str) -> str:
             flag = "" if s.get("alive") else " DOWN"
             parts.append(f"{name}{flag}" + (f" ({s['restarts']} restarts)" if s.get("restarts") else ""))
         out.append("stages: " + ", ".join(parts))
+    lost = st.get("lost_in_flight") or {}
+    if lost.get("total"):  # frames a stage died with: never inspected, not in the coverage's drops either
+        out.append(f"frames lost in flight when a stage died: {lost['total']} ("
+                   + ", ".join(f"{k} {v}" for k, v in sorted((lost.get("by_stage") or {}).items())) + ")")
     actions = (stages.get("alert") or {}).get("actions") or {}
     if actions:
         outputs = actions.get("outputs") or {}

@@ -200,4 +200,12 @@ def make_source(cam: CameraConfig) -> FrameSource:
         return FolderSource(cam.uri, loop=cam.loop)
     if kind == "simulator":
         return SimulatorSource(cam.width, cam.height, fps=cam.fps, sim=cam.simulator)
+    if kind == "pylon":  # industrial cameras: imported here, their SDKs are optional extras
+        from knitwatch.pipeline.sources.pylon import PylonSource
+
+        return PylonSource(cam)
+    if kind == "genicam":
+        from knitwatch.pipeline.sources.genicam import GenICamSource
+
+        return GenICamSource(cam)
     raise SourceError(f"unknown source kind {kind!r}")

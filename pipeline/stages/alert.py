@@ -36,8 +36,10 @@ import zmq
 from knitwatch.config.settings import AlertConfig, CameraConfig, InferenceConfig, PlcConfig, StoreConfig
 from knitwatch.pipeline.actions import Job, build_runner, event_env
 from knitwatch.pipeline.actions.latch import latch_dir_of
-from knitwatch.pipeline.decision.regions import FrameDecision, Region, find_regions
-from knitwatch.pipeline.decision.severity import RANK, Severity, SeverityClass
+from knitwatch.pipeline.actions.rolls import RollKeeper
+from knitwatch.pipeline.decision.frame import decide_frame, decision_record, severity_classes, tracker_config
+from knitwatch.pipeline.decision.regions import FrameDecision, Region
+from knitwatch.pipeline.decision.severity import RANK, Severity
 from knitwatch.pipeline.decision.tracking import (
     FramePosition,
     Track,
@@ -170,7 +172,7 @@ class AlertStage(Stage):
         super().__init__(name, control_endpoint)
         self.inp = self.socket(zmq.PULL, results_endpoint, bind=True, hwm=4, inference=inference)
         self.cfg = alert
-        self.classes = [SeverityClass.from_dict(c.model_dump()) for c in alert.severity]
+        self.classes = severity_classes(alert)
         def first_set(*values: float | None) -> float:  # an override of 0.0 is still an override
             return float(next(v for v in values if v is not None))
 
@@ -201,15 +203,13 @@ class AlertStage(Stage):
                                    latch_dir_of(store) if store is not None else None)
         self.runner.ack_poll_s = ack_poll_s
         self.runner.start()
+        # rolls: the doff signal, new rolls' start positions (a thread; pipeline/actions/rolls.py)
+        self.rolls = (RollKeeper(self.store, plc if plc is not None else PlcConfig(), [c.id for c in cameras],
+                                 poll_s=ack_poll_s).start() if self.store is not None else None)
         self._store_stats: dict[str, Any] = {}
         self._next_store_stats = 0.0
         self._better_pictures: dict[int, Snapshot] = {}  # event id -> its best frame, waiting for room in the writer
-        self.tracking = TrackerConfig(
-            confirm_k=alert.confirm_k, confirm_n=alert.confirm_n, gate_px=alert.track_gate_px,
-            frame_gate_px=alert.track_gate_frame_px, lost_frames=alert.cooldown_frames,
-            recurrence_stop_revolutions=alert.recurrence_stop_revolutions,
-            recurrence_memory_revolutions=alert.recurrence_memory_revolutions,
-            image_threshold=self.image_threshold, classes=self.classes)
+        self.tracking = tracker_config(alert, self.image_threshold)  # the decision layer's settings, all from [alert]
 
     def _camera(self, cam: str, epoch: int | None) -> CameraState:
         st = self.cams.get(cam)
@@ -241,18 +241,19 @@ class AlertStage(Stage):
         if pixel_thr is None:
             self.counters["unknown_camera"] += 1
             return
-        decision = find_regions(amap, pixel_threshold=pixel_thr, image_threshold=self.image_threshold,
-                                min_area_px=self.cfg.min_area_px)
         st = self._camera(cam, msg.header.get("epoch"))
         st.inspected += 1
         pos = self._position(st, msg.header.get("pos"))
-        frame = st.tracker.update(seq, decision.regions, width=int(amap.shape[-1]), pos=pos,
-                                  acknowledged=self._acknowledged)
+        if self.rolls is not None:
+            self.rolls.saw(cam, pos)
+        outcome = decide_frame(st.tracker, amap, seq=seq, pos=pos, pixel_threshold=pixel_thr,  # shared with the replay
+                               image_threshold=self.image_threshold, min_area_px=self.cfg.min_area_px,
+                               acknowledged=self._acknowledged)
+        decision, frame = outcome.decision, outcome.tracks
         t_decision = time.monotonic_ns()
         latency_ms = (t_decision - int(msg["t_mono_ns"])) / 1e6
         st.latency_ms.append(latency_ms)
         new_events: list[int] = []
-        top: Severity | None = None
         for d in frame.decisions:
             part = _part(decision, d.regions)
             if d.new_event:
@@ -260,36 +261,14 @@ class AlertStage(Stage):
                 new_events.append(self._event(msg.header, msg.arrays, st, part, d, pixel_thr, t_decision))
             elif d.escalated or d.recurrence or d.best:
                 self._update_event(msg.header, msg.arrays, st, part, d, pixel_thr, t_decision)
-            if top is None or d.event.severity.rank > top.rank:
-                top = d.event.severity
         for t in frame.closed:
             self._track_closed(t)
         self._flush_pictures()
         if decision.defect:
             st.defect_frames += 1
         self.counters["inspected"] += 1
-        record = {
-            "cam": cam,
-            "seq": seq,
-            "score": round(float(msg["image_score"]), 5),
-            "defect": decision.defect,
-            "confirmed": any(t.confirmed for t in frame.seen),  # the frame shows a confirmed defect
-            "event": bool(new_events),
-            "regions": [r.to_dict() for r in decision.regions[:10]],
-            "tracks": [_track_view(t, frame.decisions) for t in frame.seen[:20]],
-            "latency_ms": round(latency_ms, 2),
-        }
-        if pos is not None:
-            record["pos"] = {"rev": pos.rev, "offset_px": round(pos.offset_px, 2),
-                             "circumference_px": pos.circumference_px, "source": pos.source}
-        if top is not None:  # the most severe confirmed defect of the frame
-            record["severity"] = top.name
-            record["action"] = top.action
-        if new_events:
-            record["event_id"] = new_events[0]
-            record["event_ids"] = new_events
-        if "truth" in msg.header:
-            record["truth"] = msg["truth"]
+        record = decision_record(cam, seq, float(msg["image_score"]), outcome, pos=pos, new_events=new_events,
+                                 latency_ms=latency_ms, truth=msg["truth"] if "truth" in msg.header else None)
         self._record(record)
 
     # ------------------------------------------------------------------ events
@@ -473,6 +452,8 @@ class AlertStage(Stage):
             for cam, st in self.cams.items()
         }
         s["actions"] = self.runner.stats()
+        if self.rolls is not None:
+            s["rolls"] = self.rolls.stats()
         now = time.monotonic()
         if self.store is not None and now >= self._next_store_stats:
             self._next_store_stats = now + STORE_STATS_EVERY_S
@@ -483,6 +464,8 @@ class AlertStage(Stage):
 
     def on_stop(self) -> None:
         self.runner.stop(flush_s=1.0)
+        if self.rolls is not None:
+            self.rolls.stop()
         if self.writer is not None:
             self.writer.stop(timeout=2.0)
         if self.store is not None:
@@ -506,24 +489,7 @@ def _track_record(t: Track) -> dict[str, Any]:
     """A track's place for an event's record: tube column and width (None without a position), revolution."""
     return {"id": t.id, "first_seq": t.first_seq, "last_seq": t.last_seq,
             "tube_x": round(t.tube[0], 1) if t.tube else None, "tube_width": round(t.tube[1], 1) if t.tube else None,
-            "revolution": t.pass_}
-
-
-def _track_view(t: Track, decisions: list[TrackDecision]) -> dict[str, Any]:
-    """A track seen in a frame, for the decisions log (what the detection benchmark reads)."""
-    view: dict[str, Any] = {"id": t.id, "bbox": list(_union_box(t)), "area": t.area, "peak": round(t.peak, 5),
-                            "confirmed": t.confirmed, "tube_x": round(t.tube[0], 1) if t.tube else None,
-                            "revolution": t.pass_}
-    d = next((d for d in decisions if d.track is t), None)
-    if d is not None:
-        view.update(event_id=d.event.event_id, severity=d.event.severity.name, action=d.event.severity.action,
-                    new_event=d.new_event, escalated=d.escalated, revolutions=d.event.revolutions)
-    return view
-
-
-def _union_box(t: Track) -> tuple[int, int, int, int]:
-    b = [r.bbox for r in t.regions] or [t.box]
-    return min(x[0] for x in b), min(x[1] for x in b), max(x[2] for x in b), max(x[3] for x in b)
+            "revolution": t.pass_, "circumference_px": t.circ}
 
 
 def run(**kwargs: Any) -> int:  # the stage's keyword arguments (StageSpec.kwargs)

@@ -163,6 +163,9 @@ class CaptureStage(Stage):
         bad_files = getattr(self.source, "bad_files", None)  # a folder source's skipped, unreadable images
         if bad_files is not None:
             s["bad_files"] = bad_files
+        source_stats = getattr(self.source, "stats", None)  # an industrial camera's model, SDK counters, rates
+        if callable(source_stats):
+            s["camera_info"] = source_stats()
         return s
 
     def on_stop(self) -> None:

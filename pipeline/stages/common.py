@@ -31,6 +31,25 @@ from knitwatch.pipeline.security import LinkGuard
 log = structlog.get_logger(__name__)
 
 PR_SET_PDEATHSIG = 1
+TAKEN_KINDS = ("frame", "tiles", "result")  # the messages that carry a frame (counted in the ``taken`` stat)
+
+MIN_MESSAGE_BYTES = 16 * 2**20
+BYTES_PER_PIXEL = 64
+_max_message_bytes = 256 * 2**20  # a process that was told nothing (a remote worker): 256 MiB
+
+
+def max_message_bytes(cameras: Any) -> int:  # noqa: ANN401 - CameraConfig objects (or any with width, height)
+    """The largest message part (ZeroMQ ``MAXMSGSIZE``) a stage takes, from the largest frame the cameras'
+    settings allow: 64 bytes a pixel - a frame of 4 channels, its float32 anomaly map or its tiles (overlapping,
+    rescaled) need at most 16, so a margin of 4 - and never below 16 MiB (heartbeats, credits)."""
+    px = max((int(c.width) * int(c.height) for c in cameras), default=0)
+    return max(MIN_MESSAGE_BYTES, BYTES_PER_PIXEL * px)
+
+
+def set_max_message_bytes(n: int) -> None:
+    """The limit of every socket this process's stage makes from now on (see :func:`max_message_bytes`)."""
+    global _max_message_bytes
+    _max_message_bytes = int(n)
 
 
 def die_with_parent(parent_pid: int | None = None) -> None:
@@ -78,6 +97,8 @@ class Stage:
         self.last_input = time.monotonic()
         self._last_beat = 0.0
         self._sockets: list[zmq.Socket] = [self.control]
+        self._monitors: list[tuple[zmq.Socket, zmq.Socket, str]] = []  # (socket, its monitor, endpoint)
+        self.max_message_bytes = _max_message_bytes
         self.log = log.bind(stage_name=name)
         self.links = LinkGuard(self.zctx, counters=self.counters, logger=self.log)  # CURVE on tcp:// endpoints
 
@@ -87,10 +108,15 @@ class Stage:
         """``linger_ms``: how long closing waits for unsent messages (default 0 for PULL, else 2000 ms);
         0 for sockets that only send credits upstream - their peer has stopped before this stage.
         A ``tcp://`` endpoint is secured with CURVE by ``inference``'s keys (:mod:`knitwatch.pipeline.security`;
-        without keys, refused unless ``allow_insecure_tcp``)."""
+        without keys, refused unless ``allow_insecure_tcp``).
+
+        No message part larger than ``max_message_bytes`` is taken (ZeroMQ ``MAXMSGSIZE``): a peer that sends
+        one is disconnected by ZeroMQ before the stage allocates it; dropped links are counted
+        (``links_dropped``) and logged."""
         s = self.zctx.socket(kind)
         s.setsockopt(zmq.SNDHWM, hwm)
         s.setsockopt(zmq.RCVHWM, hwm)
+        s.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         if kind == zmq.ROUTER:
             s.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer raises instead of vanishing
         if linger_ms is None:
@@ -101,6 +127,8 @@ class Stage:
         except Exception:
             s.close(0)
             raise
+        if not any(w.sock is s for w in self.links.watched):  # a CURVE socket's monitor is the LinkGuard's
+            self._monitors.append((s, s.get_monitor_socket(zmq.EVENT_DISCONNECTED), endpoint))
         if bind:
             if endpoint.startswith("ipc://"):
                 path = endpoint[len("ipc://") :]
@@ -155,6 +183,9 @@ class Stage:
             self.bad_message(e.reason, str(e))
             return None
         self.last_input = time.monotonic()
+        msg = out[1] if isinstance(out, tuple) else out
+        if msg.kind in TAKEN_KINDS:  # a frame this stage now holds: the supervisor counts it lost if we die with it
+            self.counters["taken"] += 1
         return out
 
     def send_blocking(self, sock: zmq.Socket, kind: str, header: dict, arrays: list[np.ndarray]) -> bool:
@@ -176,8 +207,23 @@ class Stage:
             out["bad_message_reasons"] = dict(self.bad_reasons)
         return out
 
+    def _poll_monitors(self) -> None:
+        """Count the links ZeroMQ dropped since the last call: a peer gone (a restart), or one that sent a
+        message part over ``max_message_bytes``."""
+        for _s, mon, endpoint in self._monitors:
+            while mon.poll(0):
+                try:
+                    mon.recv_multipart(zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    break
+                self.counters["links_dropped"] += 1
+                self.warn_sometimes("a peer link was dropped (the peer went away, or sent a message over the size "
+                                    "limit)", endpoint=endpoint, max_message_bytes=self.max_message_bytes,
+                                    count=self.counters["links_dropped"])
+
     def heartbeat(self, force: bool = False) -> None:
         self.links.poll()  # worker link handshakes: counted, logged, a refused one retried
+        self._poll_monitors()
         now = time.monotonic()
         if not force and now - self._last_beat < self.heartbeat_s:
             return
@@ -221,6 +267,12 @@ class Stage:
             self.on_stop()
         finally:
             self.heartbeat(force=True)
+            for s, mon, _ep in self._monitors:
+                try:
+                    s.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+                mon.close(0)
             for s in self._sockets:
                 s.close()
             self.links.close()

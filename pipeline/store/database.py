@@ -56,12 +56,14 @@ import cv2
 import numpy as np
 import structlog
 
+from knitwatch.pipeline.store.rolls import RollsMixin, migrate_rolls, roll_of_new_event
+
 if TYPE_CHECKING:
     from knitwatch.config.settings import StoreConfig
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rolls (events.roll_id)
 DB_NAME = "events.sqlite3"
 EVENTS_DIR = "events"
 RECORD_FILE = "event.json"
@@ -118,6 +120,19 @@ CREATE TABLE IF NOT EXISTS acks (
     result TEXT
 );
 CREATE INDEX IF NOT EXISTS acks_pending ON acks (handled_ns);
+CREATE TABLE IF NOT EXISTS rolls (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_ns INTEGER NOT NULL,
+    ended_ns INTEGER,
+    reason TEXT NOT NULL,
+    started_by TEXT NOT NULL,
+    note TEXT NOT NULL DEFAULT '',
+    machine TEXT NOT NULL DEFAULT '',
+    cameras TEXT,
+    handled_ns INTEGER,
+    start_pos TEXT,
+    end_pos TEXT
+);
 """
 
 _EVENT_COLS = ("id, camera, t_wall_ns, seq, severity, action, image_score, max_area_px, state, dir, bytes, keep, "
@@ -182,7 +197,7 @@ def encode_image(kind: str, img: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-class Store:
+class Store(RollsMixin):
     """One store root. Thread-safe (one connection behind a lock); several processes may share it.
 
     Every query first checks that the index file is still the one opened (a removed or replaced file
@@ -255,6 +270,7 @@ class Store:
                     if stmt.strip():
                         db.execute(stmt)
                 db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                migrate_rolls(db)  # schema 1 -> 2: rolls (pipeline/store/rolls.py)
                 if fresh:
                     self._adopt_folders(db, set())
                 self._apply_floor(db)
@@ -464,8 +480,9 @@ class Store:
                 eid = _rowid(cur)
                 record["event_id"] = eid
                 record["event_dir"] = str(self.events_dir / day / f"{eid:08d}")
-                db.execute("UPDATE events SET dir = ?, record = ? WHERE id = ?",
-                           (f"{day}/{eid:08d}", json.dumps(record), eid))
+                record["roll_id"] = roll_of_new_event(db, now)  # the open roll (pipeline/store/rolls.py)
+                db.execute("UPDATE events SET dir = ?, record = ?, roll_id = ? WHERE id = ?",
+                           (f"{day}/{eid:08d}", json.dumps(record), record["roll_id"], eid))
         except (sqlite3.Error, StoreError) as e:
             self._fail("index", "cannot write the event to the store index", error=str(e), camera=camera)
             if isinstance(e, sqlite3.Error):
