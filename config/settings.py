@@ -156,13 +156,16 @@ class IndustrialCameraConfig(Section):
     trigger_delay_us: float = Field(0.0, ge=0, le=1e7, description="line: delay from the edge to the exposure")
     packet_size: int | None = Field(None, ge=220, le=16404, description="GigE: packet size in bytes (jumbo: 8192+)")
     inter_packet_delay: int | None = Field(
-        None, ge=0, le=10_000_000, description="GigE: delay between packets in camera ticks (several cameras on one link)")
+        None, ge=0, le=10_000_000,
+        description="GigE: delay between packets in camera ticks (several cameras on one link)")
     frame_timeout_ms: int = Field(
-        1000, ge=10, le=600_000, description="a read waiting longer than this returns no frame (counted as a stall)")
+        1000, ge=10, le=10_000,
+        description="a read waiting longer than this returns no frame (counted as a stall; the capture stage's "
+        "heartbeats wait for it, so keep it well under [daemon] stall_s)")
     buffers: int = Field(8, ge=2, le=256, description="grab buffers of the SDK")
     emulator_images: Path | None = Field(
         None, description="pylon camera emulator only (PYLON_CAMEMU=N): stream this folder's images (tests, demos)")
-    gentl_producer: Path | None = Field(None, description="genicam: the GenTL producer file (.cti) of the camera vendor")
+    gentl_producer: Path | None = Field(None, description="genicam: the camera vendor's GenTL producer file (.cti)")
 
 
 class CameraConfig(Section):
@@ -319,6 +322,19 @@ class AlertConfig(Section):
     recurrence_memory_revolutions: int = Field(
         3, ge=0, le=1000, description="a defect's place is remembered this many revolutions after it was last seen, "
         "to recognise it when it comes back (0: no recurrence); needs a fabric position with a circumference"
+    )
+    cutline_factor: float = Field(
+        2.0, ge=0, le=1000, description="the cutline, learned as normal: a region at the cutline's tube columns is a "
+        "defect only when its peak reaches this many times the cutline's learned normal peak (before one is "
+        "learned: times the image threshold); 0: judge the cutline like any fabric. Needs a position that "
+        "knows the cutline (image, simulator)"
+    )
+    cutline_margin_px: float = Field(
+        32.0, ge=0, le=10_000, description="frame pixels either side of the cutline that count as the cutline"
+    )
+    cutline_memory_revolutions: int = Field(
+        5, ge=1, le=1000, description="the cutline's normal peak is the median of its highest peaks in this many "
+        "recent revolutions"
     )
     decisions_log: Path | None = Field(None, description="append every frame's decision as a JSON line (audit)")
     image_threshold: float | None = Field(None, description="overrides the checkpoint's image threshold")

@@ -469,13 +469,19 @@ class ImagePosition(_Timing):
                 self._pitch_profiles = []
                 if p is not None:
                     self.pitch = p * fx
+        seen: float | None = None  # where this frame shows the cutline (unwrapped), if it does
         if self.pitch is not None:
             found = find_cutline(profile, self.pitch / fx, self.cfg.cutline_needle_spacing, self.cfg.cutline_min_depth)
             if found is not None:
-                self._sighting(self.disp.u + found[0] * fx, found[1])
+                seen = self.disp.u + found[0] * fx
+                self._sighting(seen, found[1])
         rev, off = _wrap(self._tube(self.disp.u), self.circ)
         ok = measured and self.uncertain <= UNCERTAIN_OK_PX
-        return self._record(_pos(rev, off, self.circ, self.source, ok, self.cut_t), t0)
+        # the cutline's tube coordinate; until the circumference is known, in the offset's unwrapped
+        # coordinate: where this frame shows it, else where its first pass was (so the decision layer
+        # knows the cutline from its first pass on, `knitwatch.pipeline.decision.cutline`)
+        cut = self.cut_t if self.cut_t is not None else (seen if seen is not None else self.anchor_u)
+        return self._record(_pos(rev, off, self.circ, self.source, ok, cut), t0)
 
     # -- the cutline -------------------------------------------------------------------------------
     def _sighting(self, u_s: float, depth: float) -> None:

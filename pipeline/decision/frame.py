@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from knitwatch.config.settings import AlertConfig
-from knitwatch.pipeline.decision.regions import FrameDecision, find_regions
+from knitwatch.pipeline.decision.regions import FrameDecision, Region, find_regions
 from knitwatch.pipeline.decision.severity import Severity, SeverityClass
 from knitwatch.pipeline.decision.tracking import (
     FramePosition,
@@ -44,7 +44,8 @@ def tracker_config(alert: AlertConfig, image_threshold: float) -> TrackerConfig:
         frame_gate_px=alert.track_gate_frame_px, lost_frames=alert.cooldown_frames,
         recurrence_stop_revolutions=alert.recurrence_stop_revolutions,
         recurrence_memory_revolutions=alert.recurrence_memory_revolutions,
-        image_threshold=image_threshold, classes=severity_classes(alert))
+        image_threshold=image_threshold, classes=severity_classes(alert), cutline_factor=alert.cutline_factor,
+        cutline_margin_px=alert.cutline_margin_px, cutline_memory_revolutions=alert.cutline_memory_revolutions)
 
 
 @dataclass
@@ -59,9 +60,16 @@ def decide_frame(tracker: Tracker, amap: np.ndarray, *, seq: int, pos: FramePosi
                  image_threshold: float, min_area_px: int,
                  acknowledged: Callable[[int], bool] = lambda _event_id: False) -> FrameOutcome:
     """The decision for frame ``seq`` of one camera: its regions in the stitched anomaly map ``amap``
-    (frame pixels), placed on the fabric by ``pos`` and tracked by the camera's ``tracker``."""
+    (frame pixels), placed on the fabric by ``pos`` and tracked by the camera's ``tracker``. Regions on
+    the cutline below its learned level are normal fabric (`knitwatch.pipeline.decision.cutline`)."""
+    cut = tracker.cutline
+    normal = None
+    if pos is not None and pos.cutline_px is not None and cut.factor > 0:
+        def normal(r: Region) -> bool:
+            return (cut.at_cutline(r, pos.offset_px, pos.circumference_px, pos.cutline_px)
+                    and cut.normal(r, pos.pass_of(0.5 * (r.bbox[0] + r.bbox[2])), image_threshold))
     decision = find_regions(amap, pixel_threshold=pixel_threshold, image_threshold=image_threshold,
-                            min_area_px=min_area_px)
+                            min_area_px=min_area_px, normal=normal)
     frame = tracker.update(seq, decision.regions, width=int(amap.shape[-1]), pos=pos, acknowledged=acknowledged)
     return FrameOutcome(decision, frame)
 

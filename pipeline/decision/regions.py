@@ -8,6 +8,7 @@ in capture order, were defective.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import cv2
@@ -38,7 +39,9 @@ class FrameDecision:
 
 
 def find_regions(anomaly_map: np.ndarray, *, pixel_threshold: float, image_threshold: float,
-                 min_area_px: int) -> FrameDecision:
+                 min_area_px: int, normal: Callable[[Region], bool] | None = None) -> FrameDecision:
+    """The frame's defect regions, highest peak first; ``normal(region)``: True leaves a region that
+    passed both thresholds out as known normal fabric (the cutline, `knitwatch.pipeline.decision.cutline`)."""
     amap = np.asarray(anomaly_map, dtype=np.float32)
     above = (amap >= pixel_threshold).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
@@ -51,8 +54,11 @@ def find_regions(anomaly_map: np.ndarray, *, pixel_threshold: float, image_thres
         peak = float(amap[y : y + h, x : x + w][labels[y : y + h, x : x + w] == i].max())
         if peak < image_threshold:
             continue
+        region = Region((x, y, x + w, y + h), area, peak)
+        if normal is not None and normal(region):
+            continue
         keep[i] = True
-        regions.append(Region((x, y, x + w, y + h), area, peak))
+        regions.append(region)
     regions.sort(key=lambda r: r.peak, reverse=True)
     mask = (keep[labels] * 255).astype(np.uint8) if regions else None
     return FrameDecision(bool(regions), regions, mask)

@@ -59,6 +59,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from knitwatch.pipeline.decision.cutline import CutlineLevel
 from knitwatch.pipeline.decision.regions import Confirmation, Region
 from knitwatch.pipeline.decision.severity import Severity, SeverityClass, classify
 
@@ -80,6 +81,7 @@ class FramePosition:
     offset_px: float
     circumference_px: float | None = None
     source: str = ""
+    cutline_px: float | None = None  # tube coordinate of the cutline, when the source knows it
 
     def tube_x(self, x: float) -> float:
         """The tube coordinate of frame column ``x``."""
@@ -107,11 +109,15 @@ def parse_position(value: object) -> tuple[FramePosition | None, str]:
         offset = float(value["offset_px"])
         circ_raw = value.get("circumference_px")
         circ = float(circ_raw) if circ_raw is not None else None
+        cut_raw = value.get("cutline_px")
+        cut = float(cut_raw) if cut_raw is not None else None
     except (KeyError, TypeError, ValueError):
         return None, "bad"
     if not math.isfinite(offset) or (circ is not None and not (math.isfinite(circ) and circ > 0)):
         return None, "bad"
-    return FramePosition(rev, offset, circ, str(value.get("source", ""))), "ok"
+    if cut is not None and not math.isfinite(cut):
+        cut = None
+    return FramePosition(rev, offset, circ, str(value.get("source", "")), cut), "ok"
 
 
 @dataclass
@@ -127,6 +133,9 @@ class TrackerConfig:
     recurrence_memory_revolutions: int  # 0: no recurrence
     image_threshold: float
     classes: Sequence[SeverityClass]
+    cutline_factor: float = 0.0  # 0: the cutline is judged like any fabric (pipeline/decision/cutline.py)
+    cutline_margin_px: float = 0.0
+    cutline_memory_revolutions: int = 1
 
 
 @dataclass
@@ -272,6 +281,7 @@ class Tracker:
         self.recurrences = 0
         self.recurring_defects = 0
         self.untracked_regions = 0
+        self.cutline = CutlineLevel(cfg.cutline_factor, cfg.cutline_margin_px, cfg.cutline_memory_revolutions)
 
     # ------------------------------------------------------------------ geometry
     def _tube_of(self, box: Box, pos: FramePosition) -> tuple[float, float]:
@@ -573,8 +583,8 @@ class Tracker:
             self.sites.pop(0)
 
     # ------------------------------------------------------------------ reporting
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float | int | None]:
         return {"tracks_open": len(self.tracks), "tracks_confirmed_open": sum(t.confirmed for t in self.tracks),
                 "tracks_total": self.tracks_total, "remembered_places": len(self.sites),
                 "recurrences": self.recurrences, "recurring_defects": self.recurring_defects,
-                "untracked_regions": self.untracked_regions}
+                "untracked_regions": self.untracked_regions, **self.cutline.stats()}

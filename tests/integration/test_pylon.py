@@ -204,9 +204,8 @@ def test_a_removed_camera_is_reconnected_and_counted_by_the_capture_stage(tmp_pa
         assert src.settings["frame_rate"] == pytest.approx(30.0)  # settings written again after the reconnect
     finally:
         stage.on_stop()
-        for s in stage._sockets:
-            s.close(0)
-        stage.zctx.term()
+        stage.links.close()
+        stage.zctx.destroy(linger=0)  # term() after closing the stage's sockets waits forever in-process
         control.close(0)
         frames.close(0)
         ctx.term()
@@ -248,6 +247,10 @@ def test_cli_lists_snaps_checks_and_benches_cameras(tmp_path: Path, capsys: pyte
 
     bad = tmp_path / "bad.toml"
     bad.write_text(cfg.read_text().replace("exposure_us = 3000", "exposure_us = 2e7"))
+    schema = tmp_path / "schema.toml"  # what the schema knows fails before any camera is opened
+    schema.write_text(cfg.read_text().replace("exposure_us = 3000", 'pixel_format = "Mono12"'))
+    code, out, err = knitwatch(capsys, "config", "check", config=schema)
+    assert code == 2 and "cameras.0.industrial.pixel_format" in err, err
     code, out, err = knitwatch(capsys, "cameras", "check", config=bad)
     assert code == 2
     assert "camera knit1 (Emulation 0815-0001): industrial.exposure_us = 2e+07 is outside the camera's range" in out

@@ -103,3 +103,34 @@ def test_settings_a_camera_takes_are_written_and_read_back() -> None:
     assert got["width"] == 1280 and got["height"] == 720 and got["exposure_us"] == 800.0
     assert got["trigger"] == "free_run" and got["frame_rate"] == 25.0 and f.values["AcquisitionFrameRateEnable"]
     assert got["packet_size"] is None  # a USB camera: no GigE packet size
+
+
+def test_industrial_camera_counters_become_prometheus_metrics() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from knitwatch.daemon.api.metrics import DaemonCollector
+
+    class View:
+        def stats_snapshot(self) -> dict[str, Any]:
+            return {"stages": {
+                "capture.knit1": {"camera": "knit1", "camera_info": {
+                    "serial": "24012345", "incomplete": 3, "lost": 7, "buffer_underruns": 1, "disconnects": 2,
+                    "frame_rate": 9.5, "trigger_rate": 10.0, "temperature_c": None}},
+                "capture.sim": {"camera": "sim"},  # a simulator: no camera_info, no camera metrics
+            }}
+
+        def health(self) -> dict[str, Any]:
+            return {}
+
+    class NoStore:
+        def peek(self) -> None:
+            return None
+
+    registry = CollectorRegistry()
+    registry.register(DaemonCollector(View(), NoStore()))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    assert 'knitwatch_camera_frames_lost_total{camera="knit1"} 7.0' in text
+    assert 'knitwatch_camera_frames_incomplete_total{camera="knit1"} 3.0' in text
+    assert 'knitwatch_camera_disconnects_total{camera="knit1"} 2.0' in text
+    assert 'knitwatch_camera_trigger_rate{camera="knit1"} 10.0' in text
+    assert 'camera="sim"' not in text and "knitwatch_camera_temperature_celsius{" not in text

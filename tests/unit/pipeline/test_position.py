@@ -305,3 +305,24 @@ def test_plc_counter_with_the_image_displacement(plc: SimulatedPlc, stream: Stre
     for pos, (_, truth) in list(zip(out, stream, strict=True))[2 * REV_FRAMES:]:
         assert pos["rev"] == 40 + truth.revolution
         assert abs(pos["offset_px"] - truth.offset_px) < 1.0, (truth.index, pos)
+
+
+def test_the_cutline_is_known_from_its_first_pass(stream: list[tuple[np.ndarray, FrameTruth]]) -> None:
+    """Before the circumference is known (the second pass), ``cutline_px`` is in the offset's unwrapped
+    coordinate: where the frame shows the cutline, else where its first pass was - so the decision
+    layer can tell the cutline from a defect from its first pass on."""
+    est = ImagePosition(PositionConfig())
+    out = run(est, iter(stream))
+    early = [(p, t) for p, (_, t) in zip(out, stream, strict=True) if p["circumference_px"] is None]
+    known = [(p, t) for p, t in early if p["cutline_px"] is not None]
+    first = known[0][0]["cutline_px"]
+    assert all(abs(p["cutline_px"] - first) < 3 for p, t in known if not t.cutline_visible)  # between passes
+    on_it = []
+    for p, t in known:
+        if t.cutline_visible and abs(p["cutline_px"] - first) >= 3:  # found in this frame: where it shows it
+            x0, _, x1, _ = t.cutline_box  # (within half the decision layer's default margin: the edges cut it)
+            assert x0 - 16 <= p["cutline_px"] - p["offset_px"] <= x1 + 16, (p, t.cutline_box)
+            on_it.append(t.revolution)
+    assert on_it.count(1) >= 2  # the second pass is known before the circumference is (then from it)
+    later = [p for p in out if p["circumference_px"] is not None]
+    assert later and all(abs(p["cutline_px"] - first) < 3 for p in later)
