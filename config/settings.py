@@ -99,9 +99,11 @@ class PositionConfig(Section):
     """Where each frame lies on the fabric tube (revolution and offset within it), sent with every frame
     as ``pos``. ``image``: measured from the frames (phase correlation of consecutive frames, the cutline
     counted as the once-per-revolution mark); ``plc``: the machine's revolution counter (``[..plc]``);
+    ``trigger``: the camera's frame counter, one frame every 360/``frames_per_revolution`` degrees;
     ``simulator``: the simulator's truth (tests, benchmarks); ``none``: not computed."""
 
-    source: Literal["none", "image", "simulator", "plc"] = Field("image", description="where the position comes from")
+    source: Literal["none", "image", "simulator", "plc", "trigger"] = Field(
+        "image", description="where the position comes from")
     circumference_px: float | None = Field(
         None, gt=0, le=1e9,
         description="frame pixels per revolution, when known; image: the start value (refined at each cutline); "
@@ -124,6 +126,17 @@ class PositionConfig(Section):
         description="image: how much darker than the other gaps between wales (a fraction of the fabric's local "
         "brightness) the cutline's gaps must be")
     plc: PositionPlcConfig = PositionPlcConfig()
+    frames_per_revolution: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="trigger: frames per revolution (the camera's trigger fires every 360/N degrees of the "
+        "cylinder); required for source 'trigger'")
+
+    @model_validator(mode="after")
+    def _trigger_needs_frames(self) -> PositionConfig:
+        if self.source == "trigger" and self.frames_per_revolution is None:
+            raise ValueError("frames_per_revolution is required for position source 'trigger' (the hardware "
+                             "trigger fires every 360/N degrees of the cylinder: set N)")
+        return self
 
 
 # pixel formats knitwatch takes from a GenICam camera (8 bits a channel); Bayer frames are converted to BGR

@@ -33,6 +33,8 @@ Estimators (one interface: ``update(frame, truth) -> pos``, ``stats()``, ``close
   holding registers over Modbus TCP, read by a background thread; the offset comes from the angle
   register or else from the image displacement since the counter last counted, and the
   circumference from the setting or else from the image displacement over a whole revolution.
+* :class:`TriggerPosition` - the camera's frame counter (truth key ``frame_counter`` from the pylon
+  and genicam sources) when a hardware trigger fires once every 360/N degrees of the cylinder.
 * :class:`SimulatorPosition` - the simulator's own truth (tests and benchmarks).
 """
 
@@ -58,6 +60,7 @@ __all__ = [
     "PlcPosition",
     "PositionEstimator",
     "SimulatorPosition",
+    "TriggerPosition",
     "find_cutline",
     "make_position",
     "profile_period",
@@ -85,6 +88,8 @@ def make_position(camera: CameraConfig) -> PositionEstimator | None:
         return SimulatorPosition()
     if cfg.source == "plc":
         return PlcPosition(cfg)
+    if cfg.source == "trigger":
+        return TriggerPosition(cfg)
     return ImagePosition(cfg)
 
 
@@ -731,3 +736,76 @@ class PlcPosition(_Timing):
 
     def close(self) -> None:
         self.reader.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# hardware trigger: the camera's frame counter
+# --------------------------------------------------------------------------------------------------
+
+
+class TriggerPosition(_Timing):
+    """The position from the camera's frame counter when a hardware trigger (the machine's encoder)
+    fires once every 360/N degrees of the cylinder (N = ``frames_per_revolution``).
+
+    Frame k (counted from the first frame the daemon got, k = 0) is revolution ``k // N`` at offset
+    ``(k % N) x circumference / N``; the circumference is ``circumference_px`` or else N x the frame
+    width. The counter comes with each frame as ``truth["frame_counter"]`` (the pylon source's block id,
+    the genicam source's frame id). A gap in the counter is frames the camera took but the daemon lost:
+    they still advance the position (counted in ``counter_gaps``). A counter that goes back (or repeats)
+    is a new connection to the camera (a reconnect; a 16-bit GigE Vision block id that wrapped reads the
+    same): counting restarts from the last known position plus one frame (``counter_resets``, logged);
+    frames the camera took during the reconnect are not known and shift every later position. A frame
+    without a counter is ``ok: false`` and placed one frame after the previous one (dead reckoning); the
+    frames without a counter are ``no_counter``."""
+
+    def __init__(self, cfg: PositionConfig) -> None:
+        super().__init__("trigger")
+        if cfg.frames_per_revolution is None:
+            raise ValueError("position source 'trigger' needs frames_per_revolution")
+        self.n = int(cfg.frames_per_revolution)
+        self.circ: float | None = cfg.circumference_px
+        self.k: int | None = None  # frame index of the last frame with a counter
+        self.counter: int | None = None  # that frame's counter
+        self.uncounted = 0  # frames since then without a counter
+        self.counter_gaps = 0
+        self.counter_resets = 0
+        self.no_counter = 0
+
+    def update(self, frame: np.ndarray, truth: dict | None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if self.circ is None:
+            self.circ = float(self.n * frame.shape[1])
+        raw = truth.get("frame_counter") if isinstance(truth, dict) else None
+        counter = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
+        if counter is None:
+            self.no_counter += 1
+            if self.no_counter == 1:
+                log.warning("position: a frame without the camera's frame counter (source 'trigger' needs a "
+                            "pylon or genicam camera); such frames are not ok")
+            self.uncounted += 1
+            k = (self.k if self.k is not None else -1) + self.uncounted
+            return self._record(self._at(max(k, 0), False), t0)
+        if self.k is None or self.counter is None:  # the first counter: after any frames without one
+            self.k = self.uncounted
+        elif counter > self.counter:
+            delta = counter - self.counter
+            self.counter_gaps += max(delta - 1 - self.uncounted, 0)  # frames without a counter did arrive
+            self.k += delta
+        else:
+            self.counter_resets += 1
+            log.info("position: the camera's frame counter went back (a reconnect); counting on from the last "
+                     "position", was=self.counter, now=counter)
+            self.k += self.uncounted + 1
+        self.counter, self.uncounted = counter, 0
+        return self._record(self._at(self.k, True), t0)
+
+    def _at(self, k: int, ok: bool) -> dict[str, Any]:
+        assert self.circ is not None
+        rev, i = divmod(k, self.n)
+        return _pos(rev, i * self.circ / self.n, self.circ, self.source, ok)
+
+    def stats(self) -> dict[str, Any]:
+        s = super().stats()
+        s.update(frames_per_revolution=self.n, counter=self.counter, counter_gaps=self.counter_gaps,
+                 counter_resets=self.counter_resets, no_counter=self.no_counter)
+        return s

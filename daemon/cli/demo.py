@@ -89,6 +89,7 @@ class DemoMonitor:
         self.t0 = time.monotonic()
         self.last_id = 0
         self.events = 0
+        self._revs: dict[int, int] = {}  # event id -> revolutions its defect was seen in (printed so far)
         self.auto_acks = 0
         self._store: Any = None
         self._stop = threading.Event()
@@ -143,16 +144,35 @@ class DemoMonitor:
             items = [e for e in store.list_events(limit=20)["items"] if e["id"] > self.last_id]
         except Exception:  # noqa: BLE001
             return
+        self._recurrences(store)
         for e in sorted(items, key=lambda e: e["id"]):
             self.last_id = max(self.last_id, e["id"])
             self.events += 1
             full = store.get_event(e["id"]) or {}
-            truth = (full.get("record") or {}).get("truth") or {}
+            record = full.get("record") or {}
+            truth = record.get("truth") or {}
             kinds = sorted({d.get("kind") for d in truth.get("defects", []) if d.get("kind")})
             what = f" (the simulator put there: {', '.join(kinds)})" if kinds else (
-                " (the simulator put no defect there: a false alarm)" if truth else "")
+                " (the simulator put no defect there: a false alarm)" if "defects" in truth else "")
+            revs = int((record.get("recurrence") or {}).get("revolutions") or 1)
+            again = (f"; a recurring defect, back at the same place of the tube in {revs} revolutions"
+                     + (f" (acknowledged as #{record['previous_event_id']})" if record.get("previous_event_id") else "")
+                     if revs > 1 else "")
             self._print(f"defect #{e['id']}: camera {e['camera']}, frame {e['seq']}, {e['severity']} -> "
-                        f"{e['action'].upper()}, score {e['image_score']:.2f}, {e['max_area_px']} px{what}")
+                        f"{e['action'].upper()}, score {e['image_score']:.2f}, {e['max_area_px']} px{what}{again}")
+            self._revs[e["id"]] = revs
+            while len(self._revs) > 20:  # the newest events are the ones that can still come back
+                del self._revs[min(self._revs)]
+
+    def _recurrences(self, store: Any) -> None:  # noqa: ANN401
+        """A line when an event's defect came back in another revolution (a broken needle's line)."""
+        for eid, seen in list(self._revs.items()):
+            record = (store.get_event(eid) or {}).get("record") or {}
+            revs = int((record.get("recurrence") or {}).get("revolutions") or 1)
+            if revs > seen:
+                self._revs[eid] = revs
+                self._print(f"defect #{eid} is back: the same place of the tube in {revs} revolutions - a recurring "
+                            f"defect (a broken needle?), severity {record.get('severity')}")
 
     def _auto_ack(self) -> None:
         if self.auto_ack_s <= 0 or self.plc.stopped_since is None:

@@ -432,6 +432,7 @@ class GenICamSource:
             self.counts.disconnects += 1
             raise SourceError(f"camera {self.cam.id} ({self.model} {self.serial}) failed: {first_line(e)}") from None
         self.counts.frame(block)
+        self.truth = None if block is None else {"frame_counter": block}  # the camera's frame counter
         return to_image(img, fmt)
 
     def stats(self) -> dict[str, Any]:

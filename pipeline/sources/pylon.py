@@ -139,7 +139,7 @@ class PylonSource:
         self.cfg = cam.industrial
         # software trigger: the capture stage paces the reads at fps and each read triggers one frame
         self.live = cam.industrial.trigger != "software"
-        self.truth: dict | None = None
+        self.truth: dict | None = None  # {"frame_counter": the block id} of the last frame
         self.model = ""
         self.serial = ""
         self.interface = ""
@@ -232,6 +232,7 @@ class PylonSource:
                         block = int(res.BlockID)
                         img = to_image(res.GetArray(), self.settings.get("pixel_format") or self.cfg.pixel_format)
                         self.counts.frame(block)
+                        self.truth = {"frame_counter": block}  # the camera's frame counter (position 'trigger')
                         return img
                     self.counts.incomplete += 1  # an incomplete frame: try the next within the timeout
                 finally:

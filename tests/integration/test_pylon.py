@@ -395,3 +395,49 @@ def test_daemon_stops_the_machine_for_a_hole_the_emulated_camera_sees(tmp_path: 
     assert info["lost"] == 0 and info["incomplete"] == 0 and info["disconnects"] == 0
     assert 'knitwatch_camera_frames_lost_total{camera="knit1"} 0.0' in metrics
     assert 'knitwatch_camera_frame_rate{camera="knit1"}' in metrics
+
+
+def test_trigger_position_follows_the_cameras_frame_counter() -> None:
+    """Position source ``trigger``: the emulator's block ids (its frame counter) through the estimator give
+    revolution k // N and offset (k % N) x C / N; failed buffers are counter gaps that still advance the
+    position; a reopened camera counts from 0 again, and the position counts on from where it was."""
+    from knitwatch.pipeline.position import TriggerPosition, make_position
+
+    cam = CameraConfig(id="knit1", source="pylon", fps=50.0,
+                       industrial={"device": EMU0, "trigger": "software", "width": 64, "height": 48,  # type: ignore[arg-type]
+                                   "frame_timeout_ms": 300},
+                       position={"source": "trigger", "frames_per_revolution": 4})  # type: ignore[arg-type]
+    est = make_position(cam)
+    assert isinstance(est, TriggerPosition)
+    src = opened(cam)
+
+    def step() -> tuple[int, int, float, bool]:
+        img = first_frame(src)  # a read that triggered a failed frame returns none: the next one triggers again
+        assert src.truth is not None
+        pos = est.update(img, src.truth)  # as the capture stage does
+        return src.truth["frame_counter"], pos["rev"], pos["offset_px"], pos["ok"]
+
+    try:
+        got = [step() for _ in range(5)]
+        first = got[0][0]
+        assert [c - first for c, *_ in got] == [0, 1, 2, 3, 4]  # one block id per triggered frame
+        # circumference: 4 x 64 px; frame k at (k // 4, (k % 4) x 64)
+        assert [p for _, *p in got] == [[0, 0.0, True], [0, 64.0, True], [0, 128.0, True], [0, 192.0, True],
+                                        [1, 0.0, True]]
+        f = src.features
+        assert f is not None
+        f.set("ForceFailedBufferCount", 2)  # the next 2 frames fail: their block ids never arrive
+        f.execute("ForceFailedBuffer")
+        c, rev, off, ok = step()
+        assert c == got[-1][0] + 3 and (rev, off, ok) == (1, 192.0, True)  # frames 5, 6 lost; this is frame 7
+        assert est.stats()["counter_gaps"] == 2 and src.stats()["incomplete"] == 2
+    finally:
+        src.close()
+    src.open()  # a reconnect: the camera's counter starts again
+    try:
+        c, rev, off, ok = step()
+        assert c <= first and (rev, off, ok) == (2, 0.0, True)  # the last position plus one
+        st = est.stats()
+        assert (st["counter_resets"], st["frames"], st["ok"]) == (1, 7, 7)
+    finally:
+        src.close()
