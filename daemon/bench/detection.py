@@ -213,8 +213,8 @@ def cmd_bench_detection(args: argparse.Namespace) -> int:
         return _cmd_replay(args)
     if args.record is not None:
         return _cmd_record(args)
-    if args.set or args.decisions_log is not None:
-        raise CliError("--set and --decisions-log belong to --replay DIR")
+    if args.set or args.decisions_log is not None or args.reposition:
+        raise CliError("--set, --reposition and --decisions-log belong to --replay DIR")
     if args.hours is not None or args.defect_free:
         raise CliError("--hours and --defect-free belong to --record DIR (the live run streams --frames)")
     return _cmd_live(args)
@@ -367,6 +367,9 @@ def register(bsub: argparse._SubParsersAction) -> None:
     rec.add_argument("--set", action="append", metavar="alert.KEY=VALUE", help="--replay: change a decision setting "
                      "of [alert] (repeatable; VALUE as JSON, e.g. --set alert.confirm_k=3 --set "
                      "'alert.severity=[{\"name\": \"defect\", \"action\": \"stop\"}]')")
+    rec.add_argument("--reposition", action="store_true",
+                     help="--replay: compute each frame's fabric position again with this version's estimator "
+                     "(the simulator's frames are rendered again; for a recording made before the position changed)")
     rec.add_argument("--decisions-log", type=Path, default=None, metavar="FILE",
                      help="--replay: write the per-frame decisions (the alert stage's decisions log) to FILE")
     add_run_options(d)

@@ -35,7 +35,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -327,9 +327,11 @@ def alert_settings(base: AlertConfig, sets: dict[str, Any]) -> AlertConfig:
 
 
 def replay(folder: Path, manifest: dict[str, Any], alert: AlertConfig, *,
-           progress_every_s: float = 10.0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+           progress_every_s: float = 10.0, reposition: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run the decision layer over a recording: its per-frame records (the decisions log's lines) and
-    the settings it ran with."""
+    the settings it ran with. ``reposition``: each frame's fabric position is computed again by this
+    version's estimator over the simulator's frames, rendered again (a recording made before the
+    position estimator changed; the maps are the recorded ones)."""
     from knitwatch.pipeline.decision.frame import decide_frame, decision_record, tracker_config
     from knitwatch.pipeline.decision.tracking import Tracker, parse_position
 
@@ -348,7 +350,10 @@ def replay(folder: Path, manifest: dict[str, Any], alert: AlertConfig, *,
     total = int(manifest.get("frames") or 0)
     t0 = time.monotonic()
     next_report = t0 + progress_every_s
+    positions_of = _repositioned(manifest) if reposition else None
     for f in frames_of(folder, manifest):
+        if positions_of is not None:
+            f.head["pos"] = positions_of(f.seq)
         pos, how = parse_position(f.head.get("pos"))
         positions[how] += 1
         outcome = decide_frame(tracker, f.amap, seq=f.seq, pos=pos, pixel_threshold=pixel_thr,
@@ -371,11 +376,41 @@ def replay(folder: Path, manifest: dict[str, Any], alert: AlertConfig, *,
             "confirm": f"{alert.confirm_k} of {alert.confirm_n}", "cooldown_frames": alert.cooldown_frames,
             "recurrence_stop_revolutions": alert.recurrence_stop_revolutions,
             "severity": [f"{c.name}:{c.action}" for c in alert.severity], "position": dict(positions),
-            "replay_seconds": round(time.monotonic() - t0, 1), "recurring_defects": tracker.recurring_defects}
+            "replay_seconds": round(time.monotonic() - t0, 1), "recurring_defects": tracker.recurring_defects,
+            **{k: v for k, v in tracker.stats().items() if k.startswith("cutline_")}}
     return rows, used
 
 
 # ---------------------------------------------------------------------------------------------- commands
+
+
+def _repositioned(manifest: dict[str, Any]) -> Callable[[int], dict[str, Any] | None]:
+    """``seq -> pos`` of this version's position estimator over the recording's simulated camera (frames
+    in order, as recorded)."""
+    from knitwatch.config.settings import CameraConfig
+    from knitwatch.pipeline.position import make_position
+    from knitwatch.pipeline.sources.base import make_source
+
+    cam = CameraConfig.model_validate(manifest["camera"])
+    if cam.source != "simulator":
+        raise CliError(f"--reposition needs a recording of the simulator's camera, not {cam.source!r}")
+    source = make_source(cam)
+    source.open()
+    estimator = make_position(cam)
+    state = {"next": 0}
+
+    def position(seq: int) -> dict[str, Any] | None:
+        if seq < state["next"]:
+            raise CliError(f"--reposition: the recording's frames are not in order (frame {seq})")
+        pos = None
+        while state["next"] <= seq:
+            img = source.read()
+            assert img is not None  # the simulator always has a next frame
+            pos = estimator.update(img, getattr(source, "truth", None)) if estimator is not None else None
+            state["next"] += 1
+        return pos
+
+    return position
 
 
 def writable_folder(folder: Path, option: str) -> None:
@@ -459,7 +494,8 @@ def cmd_replay(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
                          "frames written so far\n")
     sys.stderr.write(f"replaying {manifest.get('frames')} recorded frames ({manifest.get('simulated_hours')} "
                      f"simulated h) through the decision layer ...\n")
-    rows, used = replay(folder, manifest, alert)
+    rows, used = replay(folder, manifest, alert, reposition=args.reposition)
+    used["repositioned"] = bool(args.reposition)
     if args.decisions_log is not None:
         try:
             with args.decisions_log.open("w", encoding="utf-8") as f:

@@ -181,3 +181,16 @@ def test_bad_input_exits_2(recording: dict[str, Any], tmp_path: Path) -> None:
     assert not (tmp_path / "r2").exists() and not (tmp_path / "r3").exists()  # nothing half-written
     assert "--hours" in _fails(str(rec["ckpt"]), "--record", str(tmp_path / "r4"), "--hours", "-1")
     assert not (tmp_path / "r4").exists()
+
+
+def test_reposition_recomputes_the_recorded_positions(recording: dict[str, Any]) -> None:
+    """``--reposition``: this version's estimator over the re-rendered simulator frames gives the recorded
+    positions (the recording was made by this version) and so the same decisions."""
+    rec = recording
+    alert = alert_settings(AlertConfig(), {"pixel_threshold": rec["pixel"], "image_threshold": rec["image"],
+                                           "min_area_px": 4})
+    rows, _ = replay(rec["dir"], rec["manifest"], alert)
+    again, _ = replay(rec["dir"], rec["manifest"], alert, reposition=True)
+    assert [r.get("pos") for r in again] == [r.get("pos") for r in rows]
+    assert sum(r.get("pos") is not None for r in again) > FRAMES // 2
+    assert _normalised(again) == _normalised(rows)
