@@ -56,6 +56,27 @@ class Features(Protocol):
     def execute(self, name: str) -> None: ...
 
 
+def node_limits(node: Any, lo: str, hi: str, inc: str, value: str) -> tuple[float, float, float] | None:  # noqa: ANN401
+    """A number node's (min, max, increment; 1 for floats) through the SDK's attribute names, else None."""
+    try:
+        low, high = float(getattr(node, lo)), float(getattr(node, hi))
+    except Exception:  # noqa: BLE001 - not a number node
+        return None
+    try:
+        step = float(getattr(node, inc)) if isinstance(getattr(node, value), int) else 1.0
+    except Exception:  # noqa: BLE001
+        step = 1.0
+    return low, high, max(1.0, step)
+
+
+def node_choices(node: Any, symbolics: str) -> list[str] | None:  # noqa: ANN401
+    """An enumeration node's available entries through the SDK's attribute name, else None."""
+    try:
+        return [str(v) for v in getattr(node, symbolics)]
+    except Exception:  # noqa: BLE001 - not an enumeration
+        return None
+
+
 def first_feature(f: Features, *names: str) -> str | None:
     return next((n for n in names if f.has(n)), None)
 
@@ -300,23 +321,10 @@ class _HarvesterFeatures:
         self._node(name).value = value
 
     def limits(self, name: str) -> tuple[float, float, float] | None:
-        node = self._node(name)
-        try:
-            lo, hi = float(node.min), float(node.max)
-        except Exception:  # noqa: BLE001 - not a number node
-            return None
-        try:
-            inc = float(node.inc) if isinstance(node.value, int) else 1.0
-        except Exception:  # noqa: BLE001
-            inc = 1.0
-        return lo, hi, max(1.0, inc)
+        return node_limits(self._node(name), "min", "max", "inc", "value")
 
     def choices(self, name: str) -> list[str] | None:
-        node = self._node(name)
-        try:
-            return [str(v) for v in node.symbolics]
-        except Exception:  # noqa: BLE001 - not an enumeration
-            return None
+        return node_choices(self._node(name), "symbolics")
 
     def execute(self, name: str) -> None:
         self._node(name).execute()

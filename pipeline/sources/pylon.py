@@ -28,6 +28,8 @@ from knitwatch.pipeline.sources.genicam import (
     GrabStats,
     apply_settings,
     first_line,
+    node_choices,
+    node_limits,
     quietly,
     read_temperature,
     to_image,
@@ -91,23 +93,10 @@ class PylonFeatures:
         self._node(name).Value = value
 
     def limits(self, name: str) -> tuple[float, float, float] | None:
-        node = self._node(name)
-        try:
-            lo, hi = float(node.Min), float(node.Max)
-        except Exception:  # noqa: BLE001 - not a number
-            return None
-        try:
-            inc = float(node.Inc) if isinstance(node.Value, int) else 1.0
-        except Exception:  # noqa: BLE001
-            inc = 1.0
-        return lo, hi, max(1.0, inc)
+        return node_limits(self._node(name), "Min", "Max", "Inc", "Value")
 
     def choices(self, name: str) -> list[str] | None:
-        node = self._node(name)
-        try:
-            return [str(v) for v in node.Symbolics]
-        except Exception:  # noqa: BLE001 - not an enumeration
-            return None
+        return node_choices(self._node(name), "Symbolics")
 
     def execute(self, name: str) -> None:
         self._node(name).Execute()

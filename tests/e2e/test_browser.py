@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import pytest
@@ -30,72 +30,15 @@ from knitwatch.pipeline.actions.modbus import ModbusDriver
 from knitwatch.pipeline.actions.simplc import SimulatedPlc
 from knitwatch.pipeline.store.database import Store
 from tests.helpers.api import SNAPSHOT
+from tests.helpers.browser import start_chrome, wait_until
 from tests.helpers.paths import ROOT
-
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
-
-
-def _find_browser() -> tuple[str | None, str | None]:
-    browser = next((shutil.which(n) for n in CHROMIUM_NAMES if shutil.which(n)), None)
-    return browser, shutil.which("chromedriver")
-
-
-def _ensure_chromium() -> tuple[str, str]:
-    browser, driver = _find_browser()
-    if browser and driver:
-        return browser, driver
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("headless Chromium not installed and cannot install it here (needs root and apt-get): "
-                    "apt-get install -y chromium chromium-driver")
-    try:
-        r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"],
-                           capture_output=True, text=True, timeout=600, env={**os.environ,
-                                                                             "DEBIAN_FRONTEND": "noninteractive"})
-    except (OSError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"cannot install chromium: {e}")
-    browser, driver = _find_browser()
-    if not (browser and driver):
-        pytest.skip(f"apt-get install chromium chromium-driver failed (exit {r.returncode}): {r.stderr[-400:]}")
-    return browser, driver
 
 
 @pytest.fixture(scope="module")
-def chrome(tmp_path_factory: pytest.TempPathFactory):
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("selenium is not installed (pip install -e '.[dev]')")
-    browser, driver_path = _ensure_chromium()
-    os.environ.setdefault("SE_AVOID_STATS", "true")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-                "--disable-default-apps", "--disable-extensions", "--hide-scrollbars", "--force-device-scale-factor=1",
-                "--window-size=1280,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        opts.add_argument(arg)
-    try:
-        drv = webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
-    except Exception as e:  # noqa: BLE001 - a browser that cannot start is a skip with its reason
-        pytest.skip(f"headless Chromium did not start: {str(e).splitlines()[0]}")
-    drv.set_page_load_timeout(30)
+def chrome(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    drv = start_chrome(tmp_path_factory.mktemp("chromium-profile"))
     yield drv
     drv.quit()
-
-
-def wait_until(pred, timeout: float = 15.0, what: str = "condition"):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            v = pred()
-            if v:
-                return v
-        except Exception:  # noqa: BLE001 - element not there yet
-            v = None
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def save_shot(drv, path: Path, max_kb: int = 300) -> Path:  # noqa: ANN001
