@@ -80,13 +80,17 @@ class DaemonCollector:
         alive = gauge("stage_up", "1 while the stage process is alive", ["stage"])
         model = gauge("model_batch_seconds", "model time per batch (p50/p99) of an inference worker",
                       ["stage", "quantile"])
+        lost = counter("frames_lost_in_flight", "frames a stage process held when it died (a lower bound)", ["stage"])
+        lost_by_stage = (snap.get("lost_in_flight") or {}).get("by_stage") or {}
         for name, s in sorted(stages.items()):
             restarts.add_metric([name], float(s.get("restarts", 0)))
+            lost.add_metric([name], float(lost_by_stage.get(name, 0)))
             alive.add_metric([name], 1.0 if s.get("alive") else 0.0)
             for q, v in (s.get("model_ms") or {}).items():
                 if q.startswith("p") and q[1:].isdigit():
                     model.add_metric([name, f"{int(q[1:]) / 100:g}"], float(v) / 1000.0)
         yield restarts
+        yield lost
         yield alive
         yield model
         yield from _industrial_camera_metrics(stages, gauge, counter)

@@ -81,6 +81,7 @@ SNAPSHOT = {
                "infer.0": {"alive": True, "restarts": 1, "model_ms": {"p50": 80.0, "p99": 120.0},
                            "cuda_memory_allocated_bytes": 123456789},
                "capture.cam0": {"alive": True, "restarts": 0}},
+    "lost_in_flight": {"total": 7, "by_stage": {"infer.0": 7}},  # the frames infer.0 died with at its restart
     "gpu": {"devices": [{"index": 0, "name": "NVIDIA Test", "uuid": "GPU-x", "utilization_percent": 37,
                          "memory_used_bytes": 2 * 10**9, "memory_total_bytes": 80 * 10**9}],
             "cuda_memory_allocated_bytes": {"infer.0": 123456789}},

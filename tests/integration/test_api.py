@@ -234,6 +234,8 @@ def test_stats_health_metrics(populated: tuple[Settings, list[int]]) -> None:
                  'knitwatch_defect_events_total{camera="cam0"} 4.0',
                  'knitwatch_latency_seconds{camera="cam1",quantile="0.99"} 0.512',
                  'knitwatch_stage_restarts_total{stage="infer.0"} 1.0', 'knitwatch_healthy 0.0',
+                 'knitwatch_frames_lost_in_flight_total{stage="infer.0"} 7.0',
+                 'knitwatch_frames_lost_in_flight_total{stage="alert"} 0.0',
                  'knitwatch_plc_connected{driver="modbus"} 1.0', 'knitwatch_plc_failures_total 2.0',
                  'knitwatch_alarm_latched{action="stop",camera="cam0"} 1.0',
                  f"knitwatch_store_events {float(len(EVENTS))}",
