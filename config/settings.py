@@ -473,6 +473,31 @@ class StoreConfig(Section):
     )
 
 
+class LearnConfig(Section):
+    """Learning a new fabric on the machine (``knitwatch learn``) and the per-article model library
+    (``knitwatch model list|use|rollback``)."""
+
+    library_dir: Path | None = Field(
+        None, description="the model library: one folder per article with its versions, and the cameras' "
+        "selection (active.json); default: <store.path>/models"
+    )
+    model: str = Field(
+        "auto", description="model kind trained by 'learn train'; auto: msflow-efficientnet-lite0 on a CPU host, "
+        "efficientad-s on a GPU host (see README 'Learning a new fabric')"
+    )
+    min_revolutions: int = Field(3, ge=2, le=1000, description="revolutions 'learn record' covers at least "
+                                 "(whole revolutions are held back for validation)")
+    validation_revolutions: int = Field(1, ge=1, le=100, description="whole revolutions held back from training "
+                                        "to validate the new model")
+    max_false_stops_per_hour: float = Field(
+        1.0, ge=0, le=1e6, description="a new model whose estimated false stops per hour on the held-back frames "
+        "exceed this is refused, not installed"
+    )
+    train_threads: int = Field(1, ge=1, le=256, description="CPU threads of the training process (inspection keeps "
+                               "the rest)")
+    train_nice: int = Field(10, ge=0, le=19, description="niceness of the training process")
+
+
 API_TOKEN_MIN_CHARS = 16
 
 
@@ -563,6 +588,7 @@ class Settings(BaseSettings):
     plc: PlcConfig = PlcConfig()
     store: StoreConfig = StoreConfig()
     roll: RollConfig = RollConfig()
+    learn: LearnConfig = LearnConfig()
     api: ApiConfig = ApiConfig()
     logging: LoggingConfig = LoggingConfig()
 

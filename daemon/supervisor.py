@@ -32,6 +32,7 @@ import zmq
 from knitwatch.config import Settings
 from knitwatch.daemon.logs import setup_logging
 from knitwatch.daemon.telemetry import GpuTelemetry, gpu_stats
+from knitwatch.models.articles import SELECTION_FILE, library_dir
 from knitwatch.pipeline import security, wire
 from knitwatch.pipeline.stages.common import die_with_parent, max_message_bytes, set_max_message_bytes
 
@@ -199,22 +200,26 @@ class Supervisor:
         pickle, so a spawned stage gets the same typed objects)."""
         s = self.settings
         ep = self.endpoints
+        library = library_dir(s)
+        selection = str(library / SELECTION_FILE)
+        model_id = str(self.ckpt.get("id") or self.ckpt["path"])
         out = [
             StageSpec("alert", "alert", "knitwatch.pipeline.stages.alert", {
                 "results_endpoint": ep["results"], "thresholds": self.ckpt["thresholds"],
                 "alert": s.alert, "cameras": s.cameras, "plc": s.plc, "store": s.store,
                 "model": {"kind": self.ckpt.get("kind"), "path": self.ckpt["path"], "id": self.ckpt.get("id")},
-                "inference": s.inference,
+                "inference": s.inference, "selection": selection, "library": str(library),
             }),
             StageSpec("tiler", "tiler", "knitwatch.pipeline.stages.tiler", {
                 "frames_endpoint": ep["frames"], "tiles_endpoint": ep["tiles"], "preprocess": self.ckpt["preprocess"],
-                "cameras": s.cameras, "tiling": s.tiling, "inference": s.inference,
+                "cameras": s.cameras, "tiling": s.tiling, "inference": s.inference, "model_id": model_id,
+                "selection": selection,
             }),
         ]
         for i in range(s.inference.workers):
             out.append(StageSpec(f"infer.{i}", "infer", "knitwatch.pipeline.stages.infer", {
                 "tiles_endpoint": ep["tiles"], "results_endpoint": ep["results"], "checkpoint": self.ckpt["path"],
-                "inference": s.inference,
+                "inference": s.inference, "model_id": model_id, "selection": selection,
             }))
         for cam in s.cameras:
             out.append(StageSpec(f"capture.{cam.id}", "capture", "knitwatch.pipeline.stages.capture", {

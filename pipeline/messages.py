@@ -18,12 +18,12 @@ kind       header fields (besides ``v``, ``kind``, ``bufs``) and buffers
 frame      cam (camera id), seq, t_wall_ns, t_mono_ns; optional epoch, truth (object), pos (object:
            rev, offset_px, circumference_px, source, ok, cutline_px);
            1 buffer: the frame, uint8 (H, W) or (H, W, C) with C in 1, 3, 4
-tiles      the frame's fields + grid (tile geometry), optional t_tiled_ns, scale;
+tiles      the frame's fields + grid (tile geometry), optional t_tiled_ns, scale, model (its model's id);
            2 buffers: tiles uint8 (N, T, T[, C]) matching the grid, and the frame matching grid.frame_shape
 result     the frame's fields + image_score, tile_scores (list of floats), optional t_tiled_ns, scale,
            t_infer_ns, model_ms, batch_tiles, worker; 2 buffers: the anomaly map float32 (H, W) and
            the frame, of the map's H, W
-credit     n (0 .. 2**30), optional received, cam; no buffer
+credit     n (0 .. 2**30), optional received, cam, models (list of model ids); no buffer
 heartbeat  stage (name), pid (1 .. 2**22), stats (object; see ``STATS_FIELDS``); no buffer
 ========== ===========================================================================================
 """
@@ -41,6 +41,7 @@ INT_MAX = 2**63 - 1
 MAX_SIDE = 16384  # the largest camera side the settings allow
 MAX_TILES = 1 << 20
 CAMERA_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")  # the settings' camera id pattern
+MODEL_ID = re.compile(r"^[^\x00-\x1f]{1,256}$")  # a model's id: an article@version or a checkpoint's id
 
 
 class SchemaError(ValueError):
@@ -160,6 +161,7 @@ TILES_FIELDS: dict[str, Check] = {
     "t_tiled_ns": integer(),
     "scale": nullable(real),  # for information: nobody computes with it
     "grid": obj,  # checked with the buffers (check_grid)
+    "model": string(MODEL_ID),  # the model to run the tiles with (pipeline/modelswitch.py)
 }
 RESULT_FIELDS: dict[str, Check] = {
     **TILES_FIELDS,
@@ -197,6 +199,7 @@ CREDIT_FIELDS: dict[str, Check] = {
     "n": integer(0, 1 << 30),
     "received": integer(),
     "cam": string(CAMERA_ID),
+    "models": lambda v: _str_list(v, MODEL_ID, 64),  # a worker's models, ready to run
 }
 
 SCHEMAS: dict[str, dict[str, Check]] = {
@@ -226,6 +229,16 @@ def _float_list(v: Any, max_len: int) -> str | None:  # noqa: ANN401
     for x in v:
         if type(x) not in (int, float) or not math.isfinite(x):
             return f"must hold finite numbers only, got {_show(x)}"
+    return None
+
+
+def _str_list(v: Any, pattern: re.Pattern[str], max_len: int) -> str | None:  # noqa: ANN401
+    if not isinstance(v, list) or len(v) > max_len:
+        return f"must be a list of at most {max_len} strings"
+    for x in v:
+        bad = string(pattern)(x)
+        if bad:
+            return f"item {bad}"
     return None
 
 

@@ -209,7 +209,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     setup_logging(f"worker.{args.name}", level=level, fmt=args.log_format or settings.logging.format)
     return infer.run(name=f"worker.{args.name}", control_endpoint=args.control or "ipc:///nonexistent-knitwatch",
                      tiles_endpoint=tiles, results_endpoint=results, checkpoint=ckpt["path"],
-                     inference=settings.inference)
+                     inference=settings.inference, model_id=ckpt["id"])
 
 
 # ---------------------------------------------------------------- parser

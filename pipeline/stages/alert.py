@@ -48,7 +48,9 @@ from knitwatch.pipeline.decision.tracking import (
     TrackerConfig,
     parse_position,
 )
+from knitwatch.pipeline.modelswitch import ModelSelection, model_info
 from knitwatch.pipeline.overlay import region_mask, render_overlay, thumbnail
+from knitwatch.pipeline.recording import DaemonRecorder
 from knitwatch.pipeline.stages.common import Stage, percentiles
 from knitwatch.pipeline.store.database import Store, StoreError, iso_utc
 
@@ -148,6 +150,7 @@ class CameraState:
     def __init__(self, tracking: TrackerConfig) -> None:
         self.tracking = tracking
         self.tracker = Tracker(tracking)
+        self.model_id: str | None = None  # the model whose results this camera's tracks come from
         self.epoch: int | None = None
         self.inspected = 0
         self.defect_frames = 0
@@ -166,9 +169,13 @@ class AlertStage(Stage):
     def __init__(self, name: str, control_endpoint: str, *, results_endpoint: str, thresholds: dict,
                  alert: AlertConfig, cameras: list[CameraConfig], plc: PlcConfig | None = None,
                  store: StoreConfig | None = None, model: dict | None = None, ack_poll_s: float = 0.5,
-                 inference: InferenceConfig | None = None) -> None:
+                 inference: InferenceConfig | None = None, selection: str | None = None,
+                 library: str | None = None) -> None:
         """``plc``: the ``[plc]`` section (its defaults when None); ``store``: None runs without a store;
-        ``inference``: the keys securing a tcp:// results endpoint."""
+        ``inference``: the keys securing a tcp:// results endpoint; ``thresholds``/``model``: the daemon's
+        checkpoint's; ``selection``: the model library's selection (other models per camera, each result
+        judged with its own model's thresholds); ``library``: the model library, whose recording requests
+        this stage carries out (pipeline/recording.py)."""
         super().__init__(name, control_endpoint)
         self.inp = self.socket(zmq.PULL, results_endpoint, bind=True, hwm=4, inference=inference)
         self.cfg = alert
@@ -176,12 +183,15 @@ class AlertStage(Stage):
         def first_set(*values: float | None) -> float:  # an override of 0.0 is still an override
             return float(next(v for v in values if v is not None))
 
+        self._first_set = first_set
         self.image_threshold = first_set(alert.image_threshold, thresholds["image"])
-        default_pixel = first_set(alert.pixel_threshold, thresholds.get("pixel"), thresholds["image"])
-        self.pixel_threshold = {c.id: first_set(c.pixel_threshold, default_pixel) for c in cameras}
+        self.camera_pixel = {c.id: c.pixel_threshold for c in cameras}
         self.cams: dict[str, CameraState] = {}
         self.decisions = Path(alert.decisions_log).open("a", encoding="utf-8") if alert.decisions_log else None
         self.model = dict(model or {})
+        self.models = ModelSelection(selection, {**self.model, "id": self.model.get("id") or "default",
+                                                 "thresholds": thresholds, "preprocess": {}})
+        self.recorder = DaemonRecorder(library, [c.id for c in cameras])
         self.store: Store | None = None
         self.writer: SnapshotWriter | None = None
         if store is not None:
@@ -220,6 +230,31 @@ class AlertStage(Stage):
             st.restart()
         return st
 
+    def _model(self, cam: str, st: CameraState, tag: object) -> tuple[dict[str, Any], float, float]:
+        """The model that made this result (its ``model`` tag), and its image and pixel thresholds for the
+        camera ([alert] and the camera's overrides first). A camera whose model changed starts new tracks
+        with the new model's thresholds."""
+        mid = tag if isinstance(tag, str) else self.models.default["id"]
+        m = self.models.find(mid)
+        if m is None:
+            self.models.poll(force=True)
+            m = self.models.find(mid)
+        if m is None:  # a tag nobody selected (a worker of another configuration): judged by the default
+            self.counters["unknown_model"] += 1
+            m = self.models.default
+        thr = m["thresholds"]
+        image = self._first_set(self.cfg.image_threshold, thr["image"])
+        pixel = self._first_set(self.camera_pixel.get(cam), self.cfg.pixel_threshold, thr.get("pixel"), thr["image"])
+        if st.model_id != m["id"]:
+            if st.model_id is not None:
+                self.log.info("camera judged by another model from this frame on: its tracks start anew", camera=cam,
+                              previous=st.model_id, model=m["id"], image_threshold=image, pixel_threshold=pixel)
+                self.counters["model_changes"] += 1
+            st.model_id = m["id"]
+            st.tracking = tracker_config(self.cfg, image)
+            st.restart()
+        return m, image, pixel
+
     def _position(self, st: CameraState, value: object) -> FramePosition | None:
         pos, how = parse_position(value)
         st.position[how] += 1
@@ -231,23 +266,25 @@ class AlertStage(Stage):
 
     def step(self) -> None:
         self.runner.tick()
+        self.models.poll()
+        self.recorder.poll()
         msg = self.receive(self.inp, 100, expect=("result",))  # checked by its schema (wire)
         if msg is None:
             return
         self.runner.saw_result()
         cam, seq = msg["cam"], int(msg["seq"])
         amap = msg.arrays[0]
-        pixel_thr = self.pixel_threshold.get(cam)
-        if pixel_thr is None:
+        if cam not in self.camera_pixel:
             self.counters["unknown_camera"] += 1
             return
         st = self._camera(cam, msg.header.get("epoch"))
+        model, image_thr, pixel_thr = self._model(cam, st, msg.header.get("model"))
         st.inspected += 1
         pos = self._position(st, msg.header.get("pos"))
         if self.rolls is not None:
             self.rolls.saw(cam, pos)
         outcome = decide_frame(st.tracker, amap, seq=seq, pos=pos, pixel_threshold=pixel_thr,  # shared with the replay
-                               image_threshold=self.image_threshold, min_area_px=self.cfg.min_area_px,
+                               image_threshold=image_thr, min_area_px=self.cfg.min_area_px,
                                acknowledged=self._acknowledged)
         decision, frame = outcome.decision, outcome.tracks
         t_decision = time.monotonic_ns()
@@ -258,7 +295,8 @@ class AlertStage(Stage):
             part = _part(decision, d.regions)
             if d.new_event:
                 st.events += 1
-                new_events.append(self._event(msg.header, msg.arrays, st, part, d, pixel_thr, t_decision))
+                new_events.append(self._event(msg.header, msg.arrays, st, part, d, pixel_thr, t_decision,
+                                              model=model, image_thr=image_thr))
             elif d.escalated or d.recurrence or d.best:
                 self._update_event(msg.header, msg.arrays, st, part, d, pixel_thr, t_decision)
         for t in frame.closed:
@@ -269,11 +307,15 @@ class AlertStage(Stage):
         self.counters["inspected"] += 1
         record = decision_record(cam, seq, float(msg["image_score"]), outcome, pos=pos, new_events=new_events,
                                  latency_ms=latency_ms, truth=msg["truth"] if "truth" in msg.header else None)
+        record["model"] = model["id"]
         self._record(record)
+        self.recorder.frame(cam, msg.arrays[1], seq=seq, pos=msg.header.get("pos"), t_wall_ns=int(msg["t_wall_ns"]),
+                            flagged=decision.defect)
 
     # ------------------------------------------------------------------ events
     def _event(self, head: dict[str, Any], arrays: list[np.ndarray], st: CameraState, decision: FrameDecision,
-               d: TrackDecision, pixel_thr: float, t_decision: int) -> int:
+               d: TrackDecision, pixel_thr: float, t_decision: int, *, model: dict[str, Any],
+               image_thr: float) -> int:
         """A new defect: commit its event, then hand its action on, then queue its pictures; binds the id."""
         cam, seq = head["cam"], int(head["seq"])
         severity = d.event.severity
@@ -292,12 +334,12 @@ class AlertStage(Stage):
             "image_score": round(float(head["image_score"]), 6),
             "regions": regions,
             "n_regions": len(decision.regions),
-            "thresholds": {"image": self.image_threshold, "pixel": pixel_thr, "min_area_px": self.cfg.min_area_px,
+            "thresholds": {"image": image_thr, "pixel": pixel_thr, "min_area_px": self.cfg.min_area_px,
                            "confirm_k": self.cfg.confirm_k, "confirm_n": self.cfg.confirm_n,
                            "cooldown_frames": self.cfg.cooldown_frames, "track_gate_px": self.cfg.track_gate_px,
                            "track_gate_frame_px": self.cfg.track_gate_frame_px,
                            "recurrence_stop_revolutions": self.cfg.recurrence_stop_revolutions},
-            "model": self.model,
+            "model": model_info(model),
             "latency_ms": {"capture_to_decision": round((t_decision - t_capture) / 1e6, 2)},
             "frame_shape": list(arrays[1].shape),
             "track": _track_record(d.track),
@@ -451,6 +493,9 @@ class AlertStage(Stage):
             }
             for cam, st in self.cams.items()
         }
+        for cam, st in self.cams.items():
+            s["cameras"][cam]["model"] = st.model_id
+        s["recording"] = self.recorder.stats()
         s["actions"] = self.runner.stats()
         if self.rolls is not None:
             s["rolls"] = self.rolls.stats()
@@ -463,6 +508,7 @@ class AlertStage(Stage):
         return s
 
     def on_stop(self) -> None:
+        self.recorder.stop()
         self.runner.stop(flush_s=1.0)
         if self.rolls is not None:
             self.rolls.stop()

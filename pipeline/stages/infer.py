@@ -12,11 +12,17 @@ The worker tells the tiler how many tiles it can take (``credit``: room for one 
 holds, and how many tiles it has received so far, so the tiler can account for tiles in flight).
 So at most the batch being computed and the next one wait here: latency stays bounded by about
 two batches however far behind the cameras are.
+
+Several models: the worker runs the daemon's checkpoint and every model the library's selection names
+(:mod:`knitwatch.pipeline.modelswitch`); a newly selected model is loaded in a thread beside the others
+while inspection goes on, and each credit lists the models ready (``models``). A frame's tiles are run
+by the model of its ``model`` tag, one model per forward pass.
 """
 
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from typing import Any
 
@@ -28,6 +34,7 @@ from knitwatch.config.settings import InferenceConfig
 from knitwatch.pipeline import wire
 from knitwatch.pipeline.decision.regions import frame_score
 from knitwatch.pipeline.detector import Detector, load_detector
+from knitwatch.pipeline.modelswitch import ModelSelection
 from knitwatch.pipeline.preprocess import TileGrid, stitch
 from knitwatch.pipeline.stages.common import Stage, percentiles
 
@@ -36,7 +43,10 @@ _BATCH_BINS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 class InferStage(Stage):
     def __init__(self, name: str, control_endpoint: str, *, tiles_endpoint: str, results_endpoint: str,
-                 checkpoint: str, inference: InferenceConfig, detector: Detector | None = None) -> None:
+                 checkpoint: str, inference: InferenceConfig, detector: Detector | None = None,
+                 model_id: str | None = None, selection: str | None = None) -> None:
+        """``model_id``: the checkpoint's id (the tag of frames without one); ``selection``: the model library's
+        selection file (models to load beside it)."""
         super().__init__(name, control_endpoint)
         self.inp = self.socket(zmq.DEALER, tiles_endpoint, bind=False, hwm=8, linger_ms=0,  # credits only
                                inference=inference)
@@ -47,11 +57,22 @@ class InferStage(Stage):
         self.batch_hist: collections.Counter[int] = collections.Counter()
         self.extra["ready"] = False
         self.heartbeat(force=True)  # the supervisor sees us alive while the model loads
+        self.inference = inference
         self.det = (detector if detector is not None
                     else load_detector(checkpoint, inference.device, inference.backend))
         self.det.warm_up()
-        self.tile = int(self.det.preprocess["tile"])
-        self.grayscale = bool(self.det.preprocess.get("grayscale", True))
+        self.default_id = model_id or str(checkpoint)
+        self.dets: dict[str, Detector] = {self.default_id: self.det}
+        self.selection = ModelSelection(selection, {"id": self.default_id, "path": str(checkpoint)})
+        self._loading: dict[str, threading.Thread] = {}
+        self._loaded: list[tuple[str, Detector | None, float, str]] = []  # (id, detector, ms, error) from threads
+        self._unwanted_since: dict[str, float] = {}
+        self._failed: dict[str, float] = {}  # model id -> when its load failed (retried after a minute)
+        self.model_loads: list[dict[str, Any]] = []
+        for mid, m in self.selection.wanted().items():  # at start: every selected model before we are ready
+            if mid not in self.dets:
+                self._load(mid, m["path"])
+        self._install_loaded()
         self.extra.update(ready=True, device=self.det.device, model=self.det.kind)
         self.pending: list[wire.Message] = []
         self.first_at = 0.0
@@ -60,15 +81,70 @@ class InferStage(Stage):
         self._credit()
         self.log.info("inference worker ready", device=self.det.device, max_batch_tiles=self.max_tiles)
 
+    # ------------------------------------------------------------------ models
+    def _load(self, model_id: str, path: str) -> None:
+        """Load a model (the calling thread); the result is installed by :meth:`_install_loaded`."""
+        t0 = time.perf_counter()
+        try:
+            det = load_detector(path, self.inference.device, self.inference.backend)
+            det.warm_up()
+            self._loaded.append((model_id, det, (time.perf_counter() - t0) * 1000.0, ""))
+        except Exception as e:  # noqa: BLE001 - a bad model file must not stop the worker: the camera keeps its model
+            self._loaded.append((model_id, None, (time.perf_counter() - t0) * 1000.0, str(e)[:300]))
+
+    def _install_loaded(self) -> None:
+        while self._loaded:
+            model_id, det, ms, error = self._loaded.pop(0)
+            self._loading.pop(model_id, None)
+            self.model_loads = (self.model_loads + [{"id": model_id, "ms": round(ms, 1), "error": error or None}])[-10:]
+            if det is None:
+                self._failed[model_id] = time.monotonic()
+                self.counters["model_load_errors"] += 1
+                self.log.error("model cannot be loaded: the camera keeps its model", model=model_id, error=error)
+                continue
+            self.dets[model_id] = det
+            self.counters["model_loads"] += 1
+            self.log.info("model loaded beside the others", model=model_id, load_ms=round(ms, 1),
+                          models=sorted(self.dets))
+
+    def _follow_selection(self) -> None:
+        """Load newly selected models in a thread; forget the ones no camera has used for a minute."""
+        self.selection.poll()
+        self._install_loaded()
+        wanted = self.selection.wanted()
+        now = time.monotonic()
+        for mid, m in wanted.items():
+            if now - self._failed.get(mid, -1e9) < 60.0:
+                continue
+            if mid not in self.dets and mid not in self._loading and not any(x[0] == mid for x in self._loaded):
+                th = threading.Thread(target=self._load, args=(mid, m["path"]), name=f"load-{mid}", daemon=True)
+                self._loading[mid] = th
+                th.start()
+        in_use = {self._model_of(m) for m in self.pending}
+        for mid in list(self.dets):
+            if mid in wanted or mid in in_use:
+                self._unwanted_since.pop(mid, None)
+            elif now - self._unwanted_since.setdefault(mid, now) > 60.0:
+                del self.dets[mid]
+                del self._unwanted_since[mid]
+                self.log.info("model unloaded (no camera uses it)", model=mid)
+        self.extra["models"] = sorted(self.dets)
+        self.extra["models_loading"] = sorted(self._loading)
+
+    def _model_of(self, m: wire.Message) -> str:
+        tag = m.header.get("model")
+        return tag if isinstance(tag, str) else self.default_id
+
     def _pending_tiles(self) -> int:
         return sum(len(m["grid"]["coords"]) for m in self.pending)
 
     def _credit(self) -> None:
-        """Tell the tiler our room (absolute) and how many tiles we have received."""
+        """Tell the tiler our room (absolute), how many tiles we have received and the models we run."""
         self.last_credit = time.monotonic()
         room = 0 if self.stopping else max(0, self.max_tiles - self._pending_tiles())
         try:
-            wire.send(self.inp, "credit", {"n": room, "received": self.received_tiles}, flags=zmq.NOBLOCK)
+            wire.send(self.inp, "credit", {"n": room, "received": self.received_tiles, "models": sorted(self.dets)},
+                      flags=zmq.NOBLOCK)
         except zmq.Again:
             pass
 
@@ -77,14 +153,24 @@ class InferStage(Stage):
             wait_ms = (self.first_at + self.max_wait_s - time.monotonic()) * 1000.0
         else:
             wait_ms = 100.0
+        self._follow_selection()
         msg = self.receive(self.inp, wait_ms, expect=("tiles",)) if wait_ms > 0 else None
         if msg is not None:
             tiles = msg.arrays[0]
-            want = (self.tile, self.tile) if self.grayscale else (self.tile, self.tile, 3)
-            if tiles.shape[1:] != want:  # well-formed, but not what this model takes
+            det = self.dets.get(self._model_of(msg))
+            if det is None:  # the tiler sends a frame only to a worker that listed its model
                 self.received_tiles += len(tiles)  # the tiler counted them as sent: they are not in flight
-                self.bad_message("tiles.model", f"tiles of shape {tiles.shape[1:]}, the model takes {want}")
+                self.bad_message("tiles.model", f"tiles for model {self._model_of(msg)!r}, which this worker has not")
                 msg = None
+            else:
+                tile = int(det.preprocess["tile"])
+                want = (tile, tile) if bool(det.preprocess.get("grayscale", True)) else (tile, tile, 3)
+                if tiles.shape[1:] != want:  # well-formed, but not what this model takes
+                    self.received_tiles += len(tiles)
+                    self.bad_message("tiles.model", f"tiles of shape {tiles.shape[1:]}, the model takes {want}")
+                    msg = None
+        if msg is not None and self.pending and self._model_of(msg) != self._model_of(self.pending[0]):
+            self._run_batch()  # one model per forward pass: the other model's frames go first
         if msg is not None:
             if not self.pending:
                 self.first_at = time.monotonic()
@@ -122,7 +208,7 @@ class InferStage(Stage):
             tiles = (parts[0][0].arrays[0][parts[0][1]:parts[0][2]] if len(parts) == 1
                      else np.concatenate([m.arrays[0][a:b] for m, a, b in parts]))
             t0 = time.perf_counter()
-            maps, scores = self.det.predict(tiles)
+            maps, scores = self.dets[self._model_of(parts[0][0])].predict(tiles)
             model_ms = (time.perf_counter() - t0) * 1000.0
             self.model_ms.append(model_ms)
             n = len(tiles)
@@ -162,6 +248,7 @@ class InferStage(Stage):
         s = super().stats()
         s["model_ms"] = percentiles(list(self.model_ms))
         s["batch_tiles_hist"] = {str(k): v for k, v in sorted(self.batch_hist.items())}
+        s["model_loads_recent"] = list(getattr(self, "model_loads", []))
         det = getattr(self, "det", None)  # None while the model loads (the first heartbeat)
         if det is not None and str(det.device).startswith("cuda"):
             s["cuda_memory_allocated_bytes"] = int(torch.cuda.memory_allocated(det.device))

@@ -10,6 +10,11 @@ a camera gets its next credit only once its previous frame has been handed on. S
 frame per camera waits here, nothing is dropped here, and capture - the only place that drops -
 always sends its newest frame. A frame that arrives without a credit granted to its sender is not
 taken (``unrequested_frames``): no peer can fill the queue here.
+
+Models: each camera's frames are cut with its model's preprocessing and tagged with the model's id
+(``model``); when the library's selection gives a camera another model, the tiler changes over at
+the next frame once a worker lists that model in its credit, and sends each frame only to a worker
+that has its model (:mod:`knitwatch.pipeline.modelswitch`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import zmq
 
 from knitwatch.config.settings import CameraConfig, InferenceConfig, TilingConfig
 from knitwatch.pipeline import wire
+from knitwatch.pipeline.modelswitch import ModelSelection
 from knitwatch.pipeline.preprocess import PreprocessConfig, Preprocessor
 from knitwatch.pipeline.stages.common import Stage
 
@@ -48,12 +54,21 @@ def camera_preprocessors(preprocess: dict, cameras: list[CameraConfig],
 class TilerStage(Stage):
     def __init__(self, name: str, control_endpoint: str, *, frames_endpoint: str, tiles_endpoint: str,
                  preprocess: dict, cameras: list[CameraConfig], tiling: TilingConfig,
-                 inference: InferenceConfig | None = None) -> None:
-        """``inference``: the keys securing a tcp:// tiles endpoint."""
+                 inference: InferenceConfig | None = None, model_id: str = "default",
+                 selection: str | None = None) -> None:
+        """``inference``: the keys securing a tcp:// tiles endpoint; ``preprocess``/``model_id``: the daemon's
+        checkpoint's; ``selection``: the model library's selection file (other models per camera)."""
         super().__init__(name, control_endpoint)
         self.inp = self.socket(zmq.ROUTER, frames_endpoint, bind=True, hwm=8, linger_ms=0)  # credits only
         self.out = self.socket(zmq.ROUTER, tiles_endpoint, bind=True, hwm=8, inference=inference)
         self.pre = camera_preprocessors(preprocess, cameras, tiling)
+        self.cameras = {c.id: c for c in cameras}
+        self.tiling = tiling
+        self.default_id = model_id
+        self.selection = ModelSelection(selection, {"id": model_id, "preprocess": preprocess, "path": ""})
+        self.cam_model: dict[str, str | None] = {c.id: None for c in cameras}  # None: the checkpoint's (untagged)
+        self.worker_models: dict[bytes, set[str]] = {}  # worker identity -> the models it runs (its last credit)
+        self.switches: list[dict] = []
         self.poller = zmq.Poller()
         self.poller.register(self.inp, zmq.POLLIN)
         self.poller.register(self.out, zmq.POLLIN)
@@ -78,12 +93,34 @@ class TilerStage(Stage):
                     worker, msg = got  # its room, less the tiles on their way to it
                     in_flight = self.sent_tiles[worker] - int(msg.header.get("received", self.sent_tiles[worker]))
                     self.room[worker] = int(msg["n"]) - max(0, in_flight)
+                    models = msg.header.get("models")
+                    self.worker_models[worker] = set(models) if isinstance(models, list) else set()
         if self.inp in events:
             while self.inp.poll(0):
                 got = self.receive_routed(self.inp, expect=("credit", "frame"))
                 if got is not None:
                     self._on_capture(*got)
+        self._follow_selection()
         self._dispatch()
+
+    def _follow_selection(self) -> None:
+        """Change a camera to its newly selected model once a worker has it: at a frame boundary (the next
+        frame is cut and tagged with it; frames already tiled keep theirs)."""
+        self.selection.poll()
+        ready = set().union(*self.worker_models.values()) if self.worker_models else set()
+        for cam_id, current in self.cam_model.items():
+            want = self.selection.model_for(cam_id)
+            want_id = None if want["id"] == self.default_id else want["id"]
+            if want_id == current or (want_id is not None and want_id not in ready):
+                continue
+            self.pre[cam_id] = camera_preprocessors(want["preprocess"], [self.cameras[cam_id]], self.tiling)[cam_id]
+            self.cam_model[cam_id] = want_id
+            self.counters["model_switches"] += 1
+            self.switches = (self.switches + [{"camera": cam_id, "from": current or self.default_id, "to": want["id"],
+                                               "t_wall_ns": time.time_ns()}])[-10:]
+            self.log.info("camera changed model", camera=cam_id, previous=current or self.default_id, model=want["id"])
+        self.extra["camera_models"] = {c: m or self.default_id for c, m in self.cam_model.items()}
+        self.extra["model_switches_recent"] = self.switches
 
     def _on_capture(self, peer: bytes, msg: wire.Message) -> None:
         if msg.kind == "credit":  # hello: a capture (re)started or lost its credit ...
@@ -115,21 +152,26 @@ class TilerStage(Stage):
         header["t_tiled_ns"] = time.monotonic_ns()
         header["grid"] = grid.to_dict()
         header["scale"] = pre.scale
+        if self.cam_model[cam] is not None:  # untagged: the checkpoint every worker runs
+            header["model"] = self.cam_model[cam]
         self.counters["frames"] += 1
         self.counters["tiles"] += len(grid)
         self.waiting.append((peer, header, tiles, frame))
 
     def _dispatch(self) -> None:
         while self.waiting:
-            workers = [w for w, n in self.room.items() if n > 0]
+            peer, header, tiles, frame = self.waiting[0]
+            tag = header.get("model")
+            workers = [w for w, n in self.room.items()
+                       if n > 0 and (tag is None or tag in self.worker_models.get(w, ()))]
             if not workers:
                 break
             worker = max(workers, key=self.room.__getitem__)
-            peer, header, tiles, frame = self.waiting[0]
             try:
                 wire.send_routed(self.out, worker, "tiles", header, [tiles, frame], flags=zmq.NOBLOCK)
             except zmq.ZMQError:  # the worker is gone (or full): forget its credit, try another
                 del self.room[worker]
+                self.worker_models.pop(worker, None)
                 continue
             self.waiting.popleft()
             self.room[worker] -= len(tiles)
