@@ -133,13 +133,15 @@ class RecordingWriter:
         i = self.frames
         name = f"frames/{i:06d}.png"
         try:
-            ok = cv2.imwrite(str(self.folder / name), frame)
+            ok, png = cv2.imencode(".png", frame)
             if not ok:
-                raise OSError("the PNG encoder failed (disk full?)")
+                raise OSError("the PNG encoder failed")
+            with open(self.folder / name, "wb") as f:  # a full disk is an OSError here (ENOSPC)
+                f.write(png.tobytes())
             self._lines.write(json.dumps({"i": i, "file": name, "seq": int(seq), "t_wall_ns": int(t_wall_ns),
                                           "pos": pos if isinstance(pos, dict) else None}) + "\n")
             self._lines.flush()
-        except OSError as e:
+        except (OSError, cv2.error) as e:
             with contextlib.suppress(OSError):
                 (self.folder / name).unlink()
             self.finish("failed", error=f"cannot write frame {i}: {e}")
