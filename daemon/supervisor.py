@@ -406,6 +406,7 @@ class Supervisor:
                 "latency_ms": alert_cam.get("latency_ms", {}),
                 "events": self._totals[(f"alert/{cam}", "events")].update(int(alert_cam.get("events", 0))),
                 "inspected_s": round(now - self.ready_at, 3) if self.ready_at is not None else None,
+                "model": stages.get("tiler", {}).get("camera_models", {}).get(cam),  # the model its frames go to now
             }
         model_ms = [s.get("model_ms", {}).get("p50") for n, s in stages.items() if n.startswith("infer")]
         out = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from knitwatch.daemon.bench import accuracy, detection, model, pipeline, position, soak
+from knitwatch.daemon.bench import accuracy, detection, model, pipeline, position, soak, switch
 from knitwatch.daemon.cli.common import add_group
 
 
@@ -16,3 +16,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     detection.register(bsub)
     position.register(bsub)
     soak.register(bsub)
+    switch.register(bsub)

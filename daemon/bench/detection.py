@@ -22,7 +22,7 @@ import numpy as np
 from knitwatch.config.settings import CameraConfig, PositionConfig, SimulatorConfig
 from knitwatch.daemon.bench.pipeline import add_run_options, run_daemon
 from knitwatch.daemon.cli.common import EXIT_FAIL, CliError, checkpoint_summary, load_config, table, write_report
-from knitwatch.daemon.cli.demo import DEMO_H, DEMO_REV, DEMO_SPEED, DEMO_TILE, DEMO_W
+from knitwatch.daemon.cli.demo import DEMO_H, DEMO_REV, DEMO_SPEED, DEMO_W
 from knitwatch.daemon.logs import setup_logging
 
 DETECTION_DEFECTS = ("hole", "ladder", "needle_line", "tension_stripe", "oil_stain", "slub", "fly")
@@ -260,8 +260,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_live(args: argparse.Namespace) -> int:
+    from knitwatch.daemon.bench.pipeline import bench_demo_model
     from knitwatch.daemon.bench.replay import writable_folder
-    from knitwatch.pipeline.offline.demo import train_simulator_model
 
     if args.frames < 60:
         raise CliError(f"--frames must be at least 60 (got {args.frames}): the defects are spread over the run")
@@ -273,11 +273,7 @@ def _cmd_live(args: argparse.Namespace) -> int:
     work = args.workdir
     writable_folder(work, "--workdir")  # the store, the decisions and the model go there
     setup_logging("bench", level="WARNING", fmt=args.log_format or "auto")
-    ckpt_path = args.checkpoint or work / "model.ckpt"
-    if not ckpt_path.is_file():
-        sys.stderr.write(f"training the demo model ({args.steps} steps) into {ckpt_path} ...\n")
-        train_simulator_model(ckpt_path, width=DEMO_W, height=DEMO_H, speed_px=DEMO_SPEED, revolution_frames=DEMO_REV,
-                              tile=DEMO_TILE, frames=40, steps=args.steps, distill_steps=args.steps // 2)
+    ckpt_path = bench_demo_model(args.checkpoint or work / "model.ckpt", args.steps)
     ckpt = checkpoint_summary(ckpt_path)
     defects = detection_schedule(args.frames)
     settings.cameras = [CameraConfig(id="bench", source="simulator", fps=args.fps, width=DEMO_W, height=DEMO_H,
@@ -356,6 +352,8 @@ def register(bsub: argparse._SubParsersAction) -> None:
                      "(cutlines, lighting drift and the web's motion stay)")
     rec.add_argument("--size", type=_size, default=(DEMO_W, DEMO_H), metavar="WxH", dest="size",
                      help=f"--record: the simulated camera's frame size (default {DEMO_W}x{DEMO_H}, the demo's)")
+    rec.add_argument("--texture", choices=("jersey", "pique"), default="jersey",
+                     help="--record: the simulated fabric (default jersey, the demo's; pique: another article)")
     rec.add_argument("--seed", type=int, default=5, help="--record: the simulator's seed (default 5, the live run's)")
     rec.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
                      help="--record: the inference backend (default auto, as [inference] backend)")

@@ -14,6 +14,7 @@ Targets (issue 6): (2) >= 90% of (1); at 50% load p99 <= one frame period + 2 x 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,19 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     }
     write_report(result, args.json, 38)
     return 0
+
+
+def bench_demo_model(path: Path, steps: int) -> Path:
+    """``path`` when it exists, else the demo's model trained there (``steps`` steps), as the benches that run
+    the daemon on the demo's simulated camera need it."""
+    if not path.is_file():
+        from knitwatch.daemon.cli.demo import DEMO_H, DEMO_REV, DEMO_SPEED, DEMO_TILE, DEMO_W
+        from knitwatch.pipeline.offline.demo import train_simulator_model
+
+        sys.stderr.write(f"training the demo model ({steps} steps) into {path} ...\n")
+        train_simulator_model(path, width=DEMO_W, height=DEMO_H, speed_px=DEMO_SPEED, revolution_frames=DEMO_REV,
+                              tile=DEMO_TILE, frames=40, steps=steps, distill_steps=steps // 2)
+    return path
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:

@@ -55,13 +55,14 @@ MANIFEST = "recording.json"
 
 
 def bench_camera(*, fps: float, seed: int, defects: list[dict[str, Any]], position: str, width: int,
-                 height: int) -> CameraConfig:
-    """The simulated camera of ``bench detection`` (the demo's fabric, speed and revolution)."""
+                 height: int, texture: str = "jersey") -> CameraConfig:
+    """The simulated camera of ``bench detection`` (the demo's fabric, speed and revolution; ``texture``:
+    jersey, the demo's, or pique - the other article a machine may change to)."""
     from knitwatch.daemon.cli.demo import DEMO_REV, DEMO_SPEED
 
     return CameraConfig(id="bench", source="simulator", fps=fps, width=width, height=height,
                         simulator=SimulatorConfig(pitch_px=6.0, speed_px=DEMO_SPEED, revolution_frames=DEMO_REV,
-                                                  seed=seed, defects=defects),
+                                                  seed=seed, defects=defects, texture=texture),
                         position=PositionConfig(source=position))  # type: ignore[arg-type]
 
 
@@ -125,7 +126,8 @@ class ChunkWriter:
 
 def record(ckpt_path: Path, out: Path, *, frames: int, fps: float, defect_free: bool, seed: int, position: str,
            width: int, height: int, device: str, backend: str, batch_frames: int, map_floor: float | None,
-           tiling: TilingConfig | None = None, progress_every_s: float = 10.0) -> dict[str, Any]:
+           tiling: TilingConfig | None = None, progress_every_s: float = 10.0,
+           texture: str = "jersey") -> dict[str, Any]:
     """Record ``frames`` frames of simulated fabric through the live code path into ``out`` (see the
     module's description); returns the manifest."""
     from knitwatch.daemon.bench.detection import detection_schedule
@@ -141,7 +143,8 @@ def record(ckpt_path: Path, out: Path, *, frames: int, fps: float, defect_free: 
     thresholds = {k: float(v) for k, v in det.thresholds.items()}
     floor = map_floor if map_floor is not None else 0.5 * min(det.image_threshold, det.pixel_threshold)
     defects = [] if defect_free else detection_schedule(frames)
-    cam = bench_camera(fps=fps, seed=seed, defects=defects, position=position, width=width, height=height)
+    cam = bench_camera(fps=fps, seed=seed, defects=defects, position=position, width=width, height=height,
+                       texture=texture)
     source = make_source(cam)
     source.open()
     estimator = make_position(cam)
@@ -456,14 +459,16 @@ def cmd_record(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError(f"--record {out}: exists and is not an empty folder (a recording is never written over)")
     tiling = load_config(args).tiling  # [tiling] of --config, as the live tiler takes it: a bad config exits 2
     writable_folder(out, "--record")
-    what = "defect-free fabric" if args.defect_free else "fabric with one scheduled defect of every kind"
+    what = (f"defect-free {args.texture}" if args.defect_free
+            else f"{args.texture} with one scheduled defect of every kind")
     sys.stderr.write(f"recording {args.frames} frames ({args.frames / args.fps / 3600:.2f} simulated h at "
                      f"{args.fps:g} fps) of {what} with {args.checkpoint} into {out} ...\n")
     try:
         return record(args.checkpoint, out, frames=args.frames, fps=args.fps, defect_free=args.defect_free,
                       seed=args.seed, position=args.position, width=args.width, height=args.height,
                       device=args.device, backend=args.backend,
-                      batch_frames=args.batch_frames, map_floor=args.map_floor, tiling=tiling)
+                      batch_frames=args.batch_frames, map_floor=args.map_floor, tiling=tiling,
+                      texture=args.texture)
     except BaseException as e:
         # no chunk written yet: nothing worth keeping (a later failure leaves a replayable, unfinished recording)
         if created and not any(out.glob("chunk-*.npz")):

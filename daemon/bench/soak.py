@@ -31,7 +31,7 @@ import numpy as np
 
 from knitwatch.config import Settings
 from knitwatch.config.settings import CameraConfig, PlcConfig, SimulatorConfig
-from knitwatch.daemon.bench.pipeline import add_run_options
+from knitwatch.daemon.bench.pipeline import add_run_options, bench_demo_model
 from knitwatch.daemon.cli.common import (
     EXIT_FAIL,
     CliError,
@@ -40,7 +40,7 @@ from knitwatch.daemon.cli.common import (
     load_config,
     table,
 )
-from knitwatch.daemon.cli.demo import CPU_FPS, DEMO_H, DEMO_REV, DEMO_SPEED, DEMO_TILE, DEMO_W
+from knitwatch.daemon.cli.demo import CPU_FPS, DEMO_H, DEMO_REV, DEMO_SPEED, DEMO_W
 from knitwatch.daemon.logs import setup_logging
 
 SOAK_DEFECTS = ("hole", "oil_stain", "slub", "ladder", "fly", "tension_stripe")
@@ -353,7 +353,6 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
         SimulatedPlc,
         SimulatedPlcError,
     )
-    from knitwatch.pipeline.offline.demo import train_simulator_model
 
     if not 0 < args.hours <= 240:
         raise CliError(f"--hours must be above 0 and at most 240 (got {args.hours})")
@@ -376,12 +375,7 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
     work: Path = args.workdir
     _writable_folder(work)
     setup_logging("bench", level="WARNING", fmt=args.log_format or "auto")
-    ckpt_path = args.checkpoint or work / "model.ckpt"
-    if not ckpt_path.is_file():  # the demo's model, as 'knitwatch demo' trains it
-        sys.stderr.write(f"training the demo model ({args.steps} steps) into {ckpt_path} ...\n")
-        demo = {"width": DEMO_W, "height": DEMO_H, "speed_px": DEMO_SPEED, "revolution_frames": DEMO_REV,
-                "tile": DEMO_TILE}
-        train_simulator_model(ckpt_path, frames=40, steps=args.steps, distill_steps=args.steps // 2, **demo)
+    ckpt_path = bench_demo_model(args.checkpoint or work / "model.ckpt", args.steps)
     ckpt = checkpoint_summary(ckpt_path)
 
     soak_dir = work / "soak"

@@ -308,6 +308,7 @@ class AlertStage(Stage):
         record = decision_record(cam, seq, float(msg["image_score"]), outcome, pos=pos, new_events=new_events,
                                  latency_ms=latency_ms, truth=msg["truth"] if "truth" in msg.header else None)
         record["model"] = model["id"]
+        record["t_wall_ns"] = int(msg["t_wall_ns"])  # the frame's capture time
         self._record(record)
         self.recorder.frame(cam, msg.arrays[1], seq=seq, pos=msg.header.get("pos"), t_wall_ns=int(msg["t_wall_ns"]),
                             flagged=decision.defect)
