@@ -81,10 +81,11 @@ def render_status(st: dict[str, Any], url: str) -> str:
             str(c.get("events", "-")),
             "STOP" if latched.get("stop") else ("ALARM" if latched.get("alarm") else "-"),
             f"#{last['id']} {last.get('severity', '')} {local_time(last.get('t_wall_ns'))}" if last else "-",
+            str(c.get("model") or "-"),
         ])
     if rows:
         out.append(table(rows, ["CAMERA", "FPS", "COVERAGE", "CAPTURED", "INSPECTED", "DROPPED", "LATENCY p50/p99",
-                                "EVENTS", "LATCHED", "LAST DEFECT"]).rstrip())
+                                "EVENTS", "LATCHED", "LAST DEFECT", "MODEL"]).rstrip())
     stages = st.get("stages") or {}
     if stages:
         parts = []
