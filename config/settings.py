@@ -66,6 +66,13 @@ class SimulatorConfig(Section):
     random_defect_rate: float = Field(0.0, ge=0, le=1, description="chance per frame of a new defect")
     defects: list[ScheduledDefectConfig] = Field(default_factory=list)
     seed: int = 0
+    change_frame: int | None = Field(
+        None, ge=1, description="the machine changes article at this frame: from it on the fabric is "
+        "change_texture (at change_pitch_px); scheduled defects from this frame on are on the new fabric"
+    )
+    change_texture: Literal["jersey", "pique"] = "pique"
+    change_pitch_px: float | None = Field(None, ge=2.0, le=64.0, description="the new article's loop pitch "
+                                          "(default: pitch_px)")
 
 
 class PositionPlcConfig(Section):

@@ -288,15 +288,22 @@ class DaemonRecorder:
             log.info("recording normal fabric for learning", camera=cam, article=r["article"], folder=r["folder"])
 
     def frame(self, cam: str, frame: np.ndarray, *, seq: int, pos: Any, t_wall_ns: int,  # noqa: ANN401
-              flagged: bool) -> None:
+              flagged: bool, model_article: str | None = None) -> None:
+        """One inspected frame; ``flagged``: the running model found a defect region in it; ``model_article``:
+        the article that model was learned for (None: the configured checkpoint). Flagged frames are left out
+        only when that model knows the recorded article: a model of another fabric (the jersey model after the
+        machine changed to pique) flags the new fabric as a whole - its frames are recorded and counted
+        (``flagged_kept``)."""
         got = self.active.get(cam)
         if got is None:
             return
         writer = got[1]
-        if flagged:
+        if flagged and model_article == writer.meta["article"]:
             writer.skipped("flagged")
             self.counters["skipped_flagged"] += 1
             return
+        if flagged:
+            writer.meta["flagged_kept"] = int(writer.meta.get("flagged_kept", 0)) + 1
         try:
             done = writer.add(frame, seq=seq, pos=pos, t_wall_ns=t_wall_ns)
         except RecordingError as e:

@@ -19,6 +19,12 @@ Endpoints (JSON unless noted)::
     GET  /api/rolls/{id|current}/report the roll report: defects, places, counts, points, grade (?format=csv,
                                         ?length_m=M)
     POST /api/rolls                     {"by": "...", "note": "..."}: a new roll; ?wait=S waits for the daemon
+    GET  /api/models                    the model library (articles, versions, validation figures) and each
+                                        camera's model; POST /api/models/use {"camera", "model": "ART[@N]"},
+                                        POST /api/models/rollback {"camera"}: the daemon switches by itself
+    GET  /api/learn                     learn jobs and their state; POST /api/learn {"camera", "article",
+                                        "frames"|"minutes", "model"?, "steps"?, "use"?} starts one (record,
+                                        train, validate, install); DELETE /api/learn/{camera} cancels it
 
 Security (:mod:`knitwatch.daemon.api.security`): a token (16+ characters) when bound off loopback, only
 loopback Host names on loopback without a token, no cross-site POSTs (``Origin: null`` included), request
@@ -47,10 +53,12 @@ from fastapi.staticfiles import StaticFiles
 from knitwatch.config import Settings
 from knitwatch.config.settings import api_token_problem
 from knitwatch.daemon.api.deps import DaemonView, StaticView, StoreHandle
+from knitwatch.daemon.api.learnjobs import LearnJobs
 from knitwatch.daemon.api.metrics import metrics_registry
 from knitwatch.daemon.api.public import Redactor, install_error_handlers, response_class
-from knitwatch.daemon.api.routes import alarm, events, rolls, status, web
+from knitwatch.daemon.api.routes import alarm, events, models, rolls, status, web
 from knitwatch.daemon.api.security import ApiError, Gate, host_check_needed, load_token
+from knitwatch.models.articles import Library, library_dir
 from knitwatch.pipeline.actions.latch import latch_dir_of
 
 log = structlog.get_logger(__name__)
@@ -80,7 +88,11 @@ def create_app(settings: Settings, view: DaemonView | None = None, *, token: str
     app.add_middleware(Gate, token=token, check_host=host_check_needed(token, bound_host or settings.api.host))
     install_error_handlers(app, json_response)
     app.state.roll_settings = settings.roll  # the roll report's [roll] section
-    for module in (web, status, events, alarm, rolls):
+    # the model library, the cameras' models and the learn jobs (/api/models, /api/learn)
+    app.state.library = Library(library_dir(settings))
+    app.state.learn = LearnJobs(library_dir(settings), settings)
+    app.state.configured_checkpoint = settings.model.checkpoint
+    for module in (web, status, events, alarm, rolls, models):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=web.WEB_DIR, check_dir=False), name="static")
     return app
@@ -153,6 +165,9 @@ class ApiServer:
         stores = getattr(self.app.state, "stores", None)
         if stores is not None:
             stores.close()
+        learn = getattr(self.app.state, "learn", None)
+        if learn is not None:  # a stopping daemon cancels its learn jobs
+            learn.close()
 
 
 def start_api(settings: Settings, view: DaemonView) -> ApiServer:

@@ -21,6 +21,8 @@ from knitwatch.daemon.cli import demo as cmd_demo
 from knitwatch.daemon.cli import doctor as cmd_doctor
 from knitwatch.daemon.cli import export as cmd_export
 from knitwatch.daemon.cli import keys as cmd_keys
+from knitwatch.daemon.cli import learn as cmd_learn
+from knitwatch.daemon.cli import library as cmd_library
 from knitwatch.daemon.cli import model as cmd_model
 from knitwatch.daemon.cli import roll as cmd_roll
 from knitwatch.daemon.cli import service as cmd_service
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # the order of --help's command list
     for module in (cmd_service, cmd_demo, cmd_dataset, cmd_model, cmd_export, cmd_bench, cmd_defects, cmd_status,
-                   cmd_roll, cmd_doctor, cmd_keys, cmd_cameras):
+                   cmd_roll, cmd_doctor, cmd_keys, cmd_cameras, cmd_library, cmd_learn):
         module.register(sub)
     return parser
 

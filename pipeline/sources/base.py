@@ -150,6 +150,8 @@ class SimulatorSource:
     def __init__(self, width: int, height: int, *, fps: float, sim: SimulatorConfig) -> None:
         self.width, self.height, self.fps, self.sim = width, height, fps, sim
         self._stream: KnitStream | None = None
+        self._after: KnitStream | None = None
+        self._revs_before = 0
         self._i = 0
         self.truth: dict | None = None
 
@@ -157,26 +159,43 @@ class SimulatorSource:
         from knitwatch.pipeline.sources.knitsim import FabricSpec, KnitStream, ScheduledDefect
 
         sim = self.sim
-        spec = FabricSpec(texture=sim.texture, pitch_px=sim.pitch_px, brightness=sim.brightness)
-        self._stream = KnitStream(
-            self.width,
-            self.height,
-            spec,
-            seed=sim.seed,
-            speed_px=sim.speed_px,
-            fps=self.fps,
-            revolution_frames=sim.revolution_frames,
-            defects=[ScheduledDefect(**d.model_dump()) for d in sim.defects],
-            random_defect_rate=sim.random_defect_rate,
-        )
+        change = sim.change_frame
+
+        def stream(texture: str, pitch_px: float, first: int, end: int | None, seed: int) -> KnitStream:
+            return KnitStream(
+                self.width,
+                self.height,
+                FabricSpec(texture=texture, pitch_px=pitch_px, brightness=sim.brightness),
+                seed=seed,
+                speed_px=sim.speed_px,
+                fps=self.fps,
+                revolution_frames=sim.revolution_frames,
+                defects=[ScheduledDefect(**{**d.model_dump(), "frame": d.frame - first}) for d in sim.defects
+                         if d.frame >= first and (end is None or d.frame < end)],
+                random_defect_rate=sim.random_defect_rate,
+            )
+
+        self._stream = stream(sim.texture, sim.pitch_px, 0, change, sim.seed)
+        self._after = (None if change is None  # the machine's new article, from frame ``change`` on
+                       else stream(sim.change_texture, sim.change_pitch_px or sim.pitch_px, change, None, sim.seed + 1))
+        # the revolutions count on across the change: the new fabric's first revolution is the next one
+        self._revs_before = 0 if change is None else self._stream.frame(change - 1)[1].revolution + 1
 
     def read(self) -> np.ndarray | None:
         if self._stream is None:
             raise SourceError("source is not open")
-        img, truth = self._stream.frame(self._i)
+        change = self.sim.change_frame
+        after = self._after is not None and change is not None and self._i >= change
+        revs_before = 0
+        if after and self._after is not None and change is not None:
+            img, truth = self._after.frame(self._i - change)
+            revs_before = self._revs_before
+        else:
+            img, truth = self._stream.frame(self._i)
         self.truth = {
-            "frame": truth.index,
-            "revolution": truth.revolution,
+            "frame": self._i,
+            "texture": self.sim.change_texture if after else self.sim.texture,
+            "revolution": truth.revolution + revs_before,
             "cutline": truth.cutline_visible,
             "offset_px": truth.offset_px,
             "circumference_px": truth.circumference_px,
@@ -188,7 +207,7 @@ class SimulatorSource:
         return img
 
     def close(self) -> None:
-        self._stream = None
+        self._stream = self._after = None
 
 
 def make_source(cam: CameraConfig) -> FrameSource:

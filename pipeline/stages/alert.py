@@ -311,7 +311,7 @@ class AlertStage(Stage):
         record["t_wall_ns"] = int(msg["t_wall_ns"])  # the frame's capture time
         self._record(record)
         self.recorder.frame(cam, msg.arrays[1], seq=seq, pos=msg.header.get("pos"), t_wall_ns=int(msg["t_wall_ns"]),
-                            flagged=decision.defect)
+                            flagged=decision.defect, model_article=model.get("article"))
 
     # ------------------------------------------------------------------ events
     def _event(self, head: dict[str, Any], arrays: list[np.ndarray], st: CameraState, decision: FrameDecision,

@@ -336,3 +336,23 @@ def test_measure_stream_rate_small():
 @pytest.mark.slow
 def test_full_size_stream_rate():
     assert measure_stream_rate(50) >= 10.0
+
+
+def test_the_simulated_machine_changes_article_at_a_frame() -> None:
+    from knitwatch.config.settings import CameraConfig, SimulatorConfig
+    from knitwatch.pipeline.sources.base import make_source
+
+    sim = SimulatorConfig(change_frame=13, revolution_frames=10, speed_px=40.0,
+                          defects=[{"kind": "hole", "frame": 1}, {"kind": "hole", "frame": 15}])
+    src = make_source(CameraConfig(id="c", source="simulator", width=128, height=64, simulator=sim))
+    src.open()
+    frames, truths = [], []
+    for _ in range(25):
+        frames.append(src.read())
+        truths.append(src.truth)
+    assert [t["texture"] for t in truths] == ["jersey"] * 13 + ["pique"] * 12
+    assert [t["revolution"] for t in truths] == [0] * 10 + [1] * 3 + [2] * 10 + [3] * 2  # counting on
+    holes = [t["frame"] for t in truths if t["defects"]]
+    assert holes[0] == 1 and 15 in holes and not any(t["defects"] for t in truths[13:15])  # each on its fabric
+    jersey, pique = frames[12].astype(float), frames[13].astype(float)
+    assert abs(jersey - pique).mean() > 5  # another fabric, not the same one moved on
