@@ -68,11 +68,14 @@ class SimulatorConfig(Section):
     seed: int = 0
     change_frame: int | None = Field(
         None, ge=1, description="the machine changes article at this frame: from it on the fabric is "
-        "change_texture (at change_pitch_px); scheduled defects from this frame on are on the new fabric"
+        "change_texture (at change_pitch_px, change_brightness); scheduled defects from this frame on are on the new "
+        "fabric"
     )
     change_texture: Literal["jersey", "pique"] = "pique"
     change_pitch_px: float | None = Field(None, ge=2.0, le=64.0, description="the new article's loop pitch "
                                           "(default: pitch_px)")
+    change_brightness: float | None = Field(None, ge=10, le=245, description="the new article's mean gray level "
+                                            "(another yarn; default: brightness)")
 
 
 class PositionPlcConfig(Section):

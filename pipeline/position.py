@@ -432,6 +432,11 @@ class ImagePosition(_Timing):
         self.disp = _Displacement(cfg)
         self.pitch: float | None = cfg.pitch_px  # frame pixels
         self._pitch_profiles: list[np.ndarray] = []
+        self._other_pitch: float | None = None  # a pitch measured clearly off the fabric's: another article?
+        self.rev_base = 0  # revolutions counted before the fabric changed (the count goes on across a change)
+        self.u_origin = 0.0  # the displacement where the current fabric began
+        self.last_rev = 0
+        self.fabric_changes = 0
         self._forget()
         self.passes = 0
         self.rejected = 0
@@ -467,26 +472,47 @@ class ImagePosition(_Timing):
             self.dead = True
             self.uncertain += 0.05 * abs(self.disp.v) + 0.5
         fx = self.disp.tracker.fx if self.disp.tracker else 1.0
-        if self.pitch is None:
+        if self.cfg.pitch_px is None:  # measured, and measured again all the time: the machine may change article
             self._pitch_profiles.append(profile)
             if len(self._pitch_profiles) >= _PITCH_FRAMES:
                 p = profile_period(self._pitch_profiles)
                 self._pitch_profiles = []
                 if p is not None:
-                    self.pitch = p * fx
+                    self._measured_pitch(p * fx)
         seen: float | None = None  # where this frame shows the cutline (unwrapped), if it does
         if self.pitch is not None:
             found = find_cutline(profile, self.pitch / fx, self.cfg.cutline_needle_spacing, self.cfg.cutline_min_depth)
             if found is not None:
-                seen = self.disp.u + found[0] * fx
+                seen = self.disp.u - self.u_origin + found[0] * fx
                 self._sighting(seen, found[1])
-        rev, off = _wrap(self._tube(self.disp.u), self.circ)
+        rev, off = _wrap(self._tube(self.disp.u - self.u_origin), self.circ)
+        rev += self.rev_base
+        self.last_rev = rev
         ok = measured and self.uncertain <= UNCERTAIN_OK_PX
         # the cutline's tube coordinate; until the circumference is known, in the offset's unwrapped
         # coordinate: where this frame shows it, else where its first pass was (so the decision layer
         # knows the cutline from its first pass on, `knitwatch.pipeline.decision.cutline`)
         cut = self.cut_t if self.cut_t is not None else (seen if seen is not None else self.anchor_u)
         return self._record(_pos(rev, off, self.circ, self.source, ok, cut), t0)
+
+    def _measured_pitch(self, p: float) -> None:
+        """A new measurement of the loop pitch. Twice in a row more than 15 % off the fabric's (and within 5 %
+        of each other): another fabric - the machine changed article. Its cutline and circumference are
+        learned afresh (``fabric_changes``); the revolutions count on from the next one."""
+        if self.pitch is None:
+            self.pitch = p
+            return
+        if abs(p - self.pitch) <= 0.15 * self.pitch:
+            self._other_pitch = None
+            return
+        if self._other_pitch is None or abs(p - self._other_pitch) > 0.05 * self._other_pitch:
+            self._other_pitch = p
+            return
+        self.fabric_changes += 1
+        self.rev_base = self.last_rev + 1
+        self.u_origin = self.disp.u
+        self._forget()
+        self.pitch, self._other_pitch = p, None
 
     # -- the cutline -------------------------------------------------------------------------------
     def _sighting(self, u_s: float, depth: float) -> None:
@@ -527,7 +553,7 @@ class ImagePosition(_Timing):
             self._accept(p, n, u_c)
             return
         # not where the cutline is due: a defect, or the estimate is lost (after a long outage)
-        lost = self.uncertain > UNCERTAIN_OK_PX or abs(self.disp.u - self.base_u) > 2.5 * self.circ
+        lost = self.uncertain > UNCERTAIN_OK_PX or abs(self.disp.u - self.u_origin - self.base_u) > 2.5 * self.circ
         if lost and n != 0 and count > _CONFIRM:
             if not p.accepted:
                 self.resyncs += 1
@@ -576,6 +602,7 @@ class ImagePosition(_Timing):
         s = super().stats()
         peaks = list(self.disp.peaks)
         s.update(cutline_passes=self.passes, cutline_rejected=self.rejected, resyncs=self.resyncs,
+                 fabric_changes=self.fabric_changes,
                  pitch_px=None if self.pitch is None else round(self.pitch, 3),
                  speed_px=round(self.disp.v, 2), weak_frames=self.disp.weak,
                  peak_p50=round(float(np.median(peaks)), 3) if peaks else None)

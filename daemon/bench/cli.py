@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from knitwatch.daemon.bench import accuracy, detection, model, pipeline, position, soak, switch
+from knitwatch.daemon.bench import accuracy, detection, learn, model, pipeline, position, soak, switch
 from knitwatch.daemon.cli.common import add_group
 
 
@@ -17,3 +17,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     position.register(bsub)
     soak.register(bsub)
     switch.register(bsub)
+    learn.register(bsub)

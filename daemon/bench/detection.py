@@ -354,6 +354,9 @@ def register(bsub: argparse._SubParsersAction) -> None:
                      help=f"--record: the simulated camera's frame size (default {DEMO_W}x{DEMO_H}, the demo's)")
     rec.add_argument("--texture", choices=("jersey", "pique"), default="jersey",
                      help="--record: the simulated fabric (default jersey, the demo's; pique: another article)")
+    rec.add_argument("--pitch", type=float, default=6.0, help="--record: its loop pitch in px (default 6, the demo's)")
+    rec.add_argument("--brightness", type=float, default=128.0,
+                     help="--record: its mean gray level (default 128, the demo's; another yarn: e.g. 100)")
     rec.add_argument("--seed", type=int, default=5, help="--record: the simulator's seed (default 5, the live run's)")
     rec.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
                      help="--record: the inference backend (default auto, as [inference] backend)")

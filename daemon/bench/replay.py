@@ -55,14 +55,16 @@ MANIFEST = "recording.json"
 
 
 def bench_camera(*, fps: float, seed: int, defects: list[dict[str, Any]], position: str, width: int,
-                 height: int, texture: str = "jersey") -> CameraConfig:
+                 height: int, texture: str = "jersey", pitch_px: float = 6.0,
+                 brightness: float = 128.0) -> CameraConfig:
     """The simulated camera of ``bench detection`` (the demo's fabric, speed and revolution; ``texture``:
-    jersey, the demo's, or pique - the other article a machine may change to)."""
+    jersey, the demo's, or pique - another article a machine may change to, with its own loop pitch and
+    yarn brightness)."""
     from knitwatch.daemon.cli.demo import DEMO_REV, DEMO_SPEED
 
     return CameraConfig(id="bench", source="simulator", fps=fps, width=width, height=height,
-                        simulator=SimulatorConfig(pitch_px=6.0, speed_px=DEMO_SPEED, revolution_frames=DEMO_REV,
-                                                  seed=seed, defects=defects, texture=texture),
+                        simulator=SimulatorConfig(pitch_px=pitch_px, speed_px=DEMO_SPEED, revolution_frames=DEMO_REV,
+                                                  seed=seed, defects=defects, texture=texture, brightness=brightness),
                         position=PositionConfig(source=position))  # type: ignore[arg-type]
 
 
@@ -127,7 +129,7 @@ class ChunkWriter:
 def record(ckpt_path: Path, out: Path, *, frames: int, fps: float, defect_free: bool, seed: int, position: str,
            width: int, height: int, device: str, backend: str, batch_frames: int, map_floor: float | None,
            tiling: TilingConfig | None = None, progress_every_s: float = 10.0,
-           texture: str = "jersey") -> dict[str, Any]:
+           texture: str = "jersey", pitch_px: float = 6.0, brightness: float = 128.0) -> dict[str, Any]:
     """Record ``frames`` frames of simulated fabric through the live code path into ``out`` (see the
     module's description); returns the manifest."""
     from knitwatch.daemon.bench.detection import detection_schedule
@@ -144,7 +146,7 @@ def record(ckpt_path: Path, out: Path, *, frames: int, fps: float, defect_free: 
     floor = map_floor if map_floor is not None else 0.5 * min(det.image_threshold, det.pixel_threshold)
     defects = [] if defect_free else detection_schedule(frames)
     cam = bench_camera(fps=fps, seed=seed, defects=defects, position=position, width=width, height=height,
-                       texture=texture)
+                       texture=texture, pitch_px=pitch_px, brightness=brightness)
     source = make_source(cam)
     source.open()
     estimator = make_position(cam)
@@ -447,6 +449,10 @@ def cmd_record(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError(f"--frames must be at least 60 (got {args.frames}): the defects are spread over the run")
     if args.frames < 1:
         raise CliError(f"--frames must be at least 1 (got {args.frames})")
+    if not 2 <= args.pitch <= 64:
+        raise CliError(f"--pitch must be within 2 .. 64 px (got {args.pitch:g})")
+    if not 10 <= args.brightness <= 245:
+        raise CliError(f"--brightness must be within 10 .. 245 (got {args.brightness:g})")
     if not (64 <= args.width <= 8192 and 32 <= args.height <= 8192):
         raise CliError(f"--size {args.width}x{args.height}: width 64 .. 8192, height 32 .. 8192")
     if args.batch_frames < 1:
@@ -459,8 +465,8 @@ def cmd_record(args: argparse.Namespace) -> dict[str, Any]:
         raise CliError(f"--record {out}: exists and is not an empty folder (a recording is never written over)")
     tiling = load_config(args).tiling  # [tiling] of --config, as the live tiler takes it: a bad config exits 2
     writable_folder(out, "--record")
-    what = (f"defect-free {args.texture}" if args.defect_free
-            else f"{args.texture} with one scheduled defect of every kind")
+    fabric = f"{args.texture} (pitch {args.pitch:g} px, brightness {args.brightness:g})"
+    what = f"defect-free {fabric}" if args.defect_free else f"{fabric} with one scheduled defect of every kind"
     sys.stderr.write(f"recording {args.frames} frames ({args.frames / args.fps / 3600:.2f} simulated h at "
                      f"{args.fps:g} fps) of {what} with {args.checkpoint} into {out} ...\n")
     try:
@@ -468,7 +474,7 @@ def cmd_record(args: argparse.Namespace) -> dict[str, Any]:
                       seed=args.seed, position=args.position, width=args.width, height=args.height,
                       device=args.device, backend=args.backend,
                       batch_frames=args.batch_frames, map_floor=args.map_floor, tiling=tiling,
-                      texture=args.texture)
+                      texture=args.texture, pitch_px=args.pitch, brightness=args.brightness)
     except BaseException as e:
         # no chunk written yet: nothing worth keeping (a later failure leaves a replayable, unfinished recording)
         if created and not any(out.glob("chunk-*.npz")):

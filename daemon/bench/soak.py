@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 
 from knitwatch.config import Settings
 from knitwatch.config.settings import CameraConfig, PlcConfig, SimulatorConfig
+from knitwatch.daemon.bench.phases import DecisionsTail, run_daemon_logged
 from knitwatch.daemon.bench.pipeline import add_run_options, bench_demo_model
 from knitwatch.daemon.cli.common import (
     EXIT_FAIL,
@@ -79,39 +79,6 @@ def folder_bytes(root: Path) -> int:
             except OSError:
                 pass
     return total
-
-
-class DecisionsTail:
-    """Reads the alert stage's decisions log as it grows: the latencies of the frames decided since the
-    last read (a partial last line is kept for the next read)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.rest = b""
-
-    def read(self) -> list[float]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except OSError:
-            return []
-        self.offset += len(data)
-        lines = (self.rest + data).split(b"\n")
-        self.rest = lines.pop()
-        out = []
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            lat = row.get("latency_ms")
-            if isinstance(lat, dict):
-                lat = lat.get("capture_to_decision")
-            if isinstance(lat, int | float):
-                out.append(float(lat))
-        return out
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -345,7 +312,6 @@ def _writable_folder(folder: Path) -> None:
 
 
 def cmd_bench_soak(args: argparse.Namespace) -> int:
-    from knitwatch.daemon.supervisor import Supervisor
     from knitwatch.pipeline.actions.simplc import (
         ALARM_COIL,
         HEARTBEAT_COIL,
@@ -417,33 +383,24 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
 
     monitor: SoakMonitor | None = None
 
-    class SoakSupervisor(Supervisor):
-        def _report(self) -> None:
-            super()._report()
-            if monitor is not None and self.ready and monitor.tick() and self.stop_signal is None:
-                self.stop_signal = signal.SIGTERM  # the run's time is up: the daemon's own orderly shutdown
+    def on_report(sup: Any) -> bool:  # noqa: ANN401 - the Supervisor; True: the run's time is up
+        nonlocal monitor
+        if monitor is None:  # the run's hours count from the daemon's readiness
+            monitor = SoakMonitor(sup, plc, settings, out, interval_s=interval, ack_every_s=args.ack_every_s,
+                                  samples_path=samples_path, decisions=decisions, camera="soak", hours=args.hours)
+        return monitor.tick()
 
     log_path = soak_dir / "daemon.log"
-    sys.stderr.flush()
-    saved_err = os.dup(2)
-    logf = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
-    os.dup2(logf.fileno(), 2)  # the stage processes inherit stderr: their logs go to the file
     try:
-        setup_logging("supervisor", level="WARNING", fmt="json")
-        sup = SoakSupervisor(settings, checkpoint=ckpt, log_level="WARNING", log_format="json")
-        monitor = SoakMonitor(sup, plc, settings, out, interval_s=interval, ack_every_s=args.ack_every_s,
-                              samples_path=samples_path, decisions=decisions, camera="soak", hours=args.hours)
-        # the run's hours count from the daemon's readiness (the monitor stops it); the limit here is a backstop
-        rc = int(sup.run(duration_s=total_s + settings.daemon.startup_grace_s + 120.0))
+        rc = run_daemon_logged(settings, ckpt, log_path, on_report=on_report, log_level="WARNING",
+                               bench_log_format=args.log_format or "auto",  # the monitor stops it; this is a backstop
+                               duration_s=total_s + settings.daemon.startup_grace_s + 120.0)
     finally:
         plc.stop()
-        sys.stderr.flush()
-        os.dup2(saved_err, 2)
-        os.close(saved_err)
-        logf.close()
         if monitor is not None:
             monitor.close()
-        setup_logging("bench", level="WARNING", fmt=args.log_format or "auto")
+    if monitor is None:
+        raise CliError(f"the daemon never became ready (see {log_path})", EXIT_FAIL)
     rep = soak_report(monitor.samples, warmup_s=warmup, cap_bytes=monitor.cap_bytes)
     rep.update(exit_code=rc, samples_file=str(samples_path), daemon_log=str(log_path), model=ckpt.get("id"),
                fps=args.fps, store_cap_mb=args.store_cap_mb, defect_every=args.defect_every,

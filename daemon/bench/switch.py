@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from knitwatch.config.settings import CameraConfig, SimulatorConfig
+from knitwatch.daemon.bench.phases import DecisionsTail, frame_time, latency_ms, phase, run_daemon_logged
 from knitwatch.daemon.bench.pipeline import add_run_options, bench_demo_model
 from knitwatch.daemon.cli.common import CliError, add_config_option, checkpoint_summary, load_config, table
 from knitwatch.daemon.cli.demo import CPU_FPS, DEMO_H, DEMO_REV, DEMO_SPEED, DEMO_W
@@ -45,38 +42,21 @@ def windows(rows: list[dict[str, Any]], samples: list[dict[str, Any]], events: l
     ``rows``: the decisions (``t``: the frame's capture time, ``seq``, ``model``, ``latency_ms``); ``samples``:
     ``{"t", "captured", "dropped"}`` every second; ``events``: ``{"t": request time, "to": model id}``; the
     first ``warmup_s`` seconds (the daemon warming up) are left out."""
-    bounds: list[tuple[str, float, float, str | None]] = []
+    out = []
     t_prev = samples[0]["t"] + warmup_s if samples else 0.0
     for i, ev in enumerate(events):
-        first = next((r["t"] for r in rows if r["t"] >= ev["t"] and r["model"] == ev["to"]), None)
-        across_end = (first if first is not None else ev["t"]) + ACROSS_S
-        bounds.append((f"before switch {i + 1}" if i == 0 else f"after switch {i}", t_prev, ev["t"], None))
-        bounds.append((f"across switch {i + 1}", ev["t"], across_end, ev["to"]))
-        t_prev = across_end
-    bounds.append((f"after switch {len(events)}", t_prev, end_t, None))
-    out = []
-    for name, t0, t1, to in bounds:
-        part = [r for r in rows if t0 <= r["t"] < t1]
-        s0 = min(samples, key=lambda s: abs(s["t"] - t0)) if samples else None
-        s1 = min(samples, key=lambda s: abs(s["t"] - t1)) if samples else None
-        captured = (s1["captured"] - s0["captured"]) if s0 and s1 else None
-        dropped = (s1["dropped"] - s0["dropped"]) if s0 and s1 else None
-        lat = [float(r["latency_ms"]) for r in part if isinstance(r.get("latency_ms"), int | float)]
-        row: dict[str, Any] = {
-            "window": name, "seconds": round(t1 - t0, 1), "captured": captured, "inspected": len(part),
-            "dropped_at_capture": dropped,
-            "coverage": round(min(1.0, len(part) / captured), 3) if captured else None,
-            "latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat else None,
-            "latency_ms_p99": round(float(np.percentile(lat, 99)), 1) if lat else None,
-        }
-        if to is not None:
-            first_new = next((r for r in part if r["model"] == to), None)
-            row["to"] = to
-            row["switch_s"] = round(first_new["t"] - t0, 2) if first_new else None
-            row["old_model_frames_after_request"] = sum(1 for r in part if r["model"] != to and
-                                                        (first_new is None or r["seq"] < first_new["seq"]))
-            row["seq_gaps_at_changeover"] = seq_gaps(part, first_new["seq"]) if first_new else None
+        first = next((r for r in rows if r["t"] >= ev["t"] and r["model"] == ev["to"]), None)
+        across_end = (first["t"] if first is not None else ev["t"]) + ACROSS_S
+        out.append(phase(f"before switch {i + 1}" if i == 0 else f"after switch {i}", rows, samples, t_prev, ev["t"]))
+        row = phase(f"across switch {i + 1}", rows, samples, ev["t"], across_end)
+        part = [r for r in rows if ev["t"] <= r["t"] < across_end]
+        row.update(to=ev["to"], switch_s=round(first["t"] - ev["t"], 2) if first else None,
+                   old_model_frames_after_request=sum(1 for r in part if r["model"] != ev["to"] and
+                                                      (first is None or r["seq"] < first["seq"])),
+                   seq_gaps_at_changeover=seq_gaps(part, first["seq"]) if first else None)
         out.append(row)
+        t_prev = across_end
+    out.append(phase(f"after switch {len(events)}", rows, samples, t_prev, end_t))
     return out
 
 
@@ -89,7 +69,6 @@ def seq_gaps(rows: list[dict[str, Any]], changeover_seq: int, around: int = 3) -
 
 
 def cmd_bench_switch(args: argparse.Namespace) -> int:
-    from knitwatch.daemon.supervisor import Supervisor
     from knitwatch.models.articles import Library
     from knitwatch.models.checkpoint import load_checkpoint
 
@@ -135,70 +114,42 @@ def cmd_bench_switch(args: argparse.Namespace) -> int:
     samples: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     seen: list[dict[str, Any]] = []
-    tail = {"offset": 0, "rest": b""}
+    tail = DecisionsTail(decisions)
     plan = [(args.before_s, "use"), (args.before_s + args.after_s, "rollback"),
             (args.before_s + 2 * args.after_s, "end")]
 
     def read_decisions() -> None:
         now = time.time()
-        if not decisions.exists():
-            return
-        with open(decisions, "rb") as f:
-            f.seek(tail["offset"])
-            data = f.read()
-        tail["offset"] += len(data)
-        lines = (tail["rest"] + data).split(b"\n")
-        tail["rest"] = lines.pop()
-        for line in lines:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            t = r.get("t_wall_ns")
-            seen.append({"t": t / 1e9 if isinstance(t, int) else now, "seq": r["seq"], "model": r.get("model"),
-                         "latency_ms": r.get("latency_ms")})
+        for r in tail.rows():
+            seen.append({"t": frame_time(r) or now, "seq": r.get("seq"), "model": r.get("model"),
+                         "latency_ms": latency_ms(r)})
 
-    class SwitchSupervisor(Supervisor):
-        t_ready: float | None = None
+    t_ready: list[float] = []
 
-        def _report(self) -> None:
-            super()._report()
-            if not self.ready or self.stop_signal is not None:
-                return
-            now = time.time()
-            if self.t_ready is None:
-                self.t_ready = now
-            read_decisions()
-            cam = (self.snapshot.get("cameras") or {}).get(CAMERA, {})
-            samples.append({"t": now, "captured": cam.get("captured", 0), "dropped": cam.get("dropped", 0)})
-            while plan and now - self.t_ready >= plan[0][0]:
-                _, what = plan.pop(0)
-                if what == "use":
-                    lib.use(CAMERA, "switch-bench", who="bench switch")
-                    events.append({"t": time.time(), "to": to_id})
-                elif what == "rollback":
-                    lib.rollback(CAMERA, who="bench switch")
-                    events.append({"t": time.time(), "to": ckpt["id"]})
-                else:
-                    self.stop_signal = signal.SIGTERM
-                out.write(f"[{now - self.t_ready:6.1f} s] {what}\n")
-                out.flush()
+    def on_report(sup: Any) -> bool:  # noqa: ANN401 - the Supervisor
+        now = time.time()
+        if not t_ready:
+            t_ready.append(now)
+        read_decisions()
+        cam = (sup.snapshot.get("cameras") or {}).get(CAMERA, {})
+        samples.append({"t": now, "captured": cam.get("captured", 0), "dropped": cam.get("dropped", 0)})
+        while plan and now - t_ready[0] >= plan[0][0]:
+            _, what = plan.pop(0)
+            if what == "use":
+                lib.use(CAMERA, "switch-bench", who="bench switch")
+                events.append({"t": time.time(), "to": to_id})
+            elif what == "rollback":
+                lib.rollback(CAMERA, who="bench switch")
+                events.append({"t": time.time(), "to": ckpt["id"]})
+            out.write(f"[{now - t_ready[0]:6.1f} s] {what}\n")
+            out.flush()
+            if what == "end":
+                return True
+        return False
 
     log_path = bench_dir / "daemon.log"
-    sys.stderr.flush()
-    saved_err = os.dup(2)
-    logf = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
-    os.dup2(logf.fileno(), 2)  # the stage processes inherit stderr: their logs go to the file
-    try:
-        setup_logging("supervisor", level="WARNING", fmt="json")
-        sup = SwitchSupervisor(settings, checkpoint=ckpt, log_level="INFO", log_format="json")
-        rc = int(sup.run(duration_s=args.before_s + 2 * args.after_s + settings.daemon.startup_grace_s + 60))
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved_err, 2)
-        os.close(saved_err)
-        logf.close()
-        setup_logging("bench", level="WARNING", fmt=args.log_format or "auto")
+    rc = run_daemon_logged(settings, ckpt, log_path, on_report=on_report, bench_log_format=args.log_format or "auto",
+                           duration_s=args.before_s + 2 * args.after_s + settings.daemon.startup_grace_s + 60)
     read_decisions()
     rows = [r for r in seen if isinstance(r["seq"], int)]
     end_t = samples[-1]["t"] if samples else time.time()

@@ -161,11 +161,12 @@ class SimulatorSource:
         sim = self.sim
         change = sim.change_frame
 
-        def stream(texture: str, pitch_px: float, first: int, end: int | None, seed: int) -> KnitStream:
+        def stream(texture: str, pitch_px: float, brightness: float, first: int, end: int | None,
+                   seed: int) -> KnitStream:
             return KnitStream(
                 self.width,
                 self.height,
-                FabricSpec(texture=texture, pitch_px=pitch_px, brightness=sim.brightness),
+                FabricSpec(texture=texture, pitch_px=pitch_px, brightness=brightness),
                 seed=seed,
                 speed_px=sim.speed_px,
                 fps=self.fps,
@@ -175,9 +176,10 @@ class SimulatorSource:
                 random_defect_rate=sim.random_defect_rate,
             )
 
-        self._stream = stream(sim.texture, sim.pitch_px, 0, change, sim.seed)
+        self._stream = stream(sim.texture, sim.pitch_px, sim.brightness, 0, change, sim.seed)
         self._after = (None if change is None  # the machine's new article, from frame ``change`` on
-                       else stream(sim.change_texture, sim.change_pitch_px or sim.pitch_px, change, None, sim.seed + 1))
+                       else stream(sim.change_texture, sim.change_pitch_px or sim.pitch_px,
+                                   sim.change_brightness or sim.brightness, change, None, sim.seed + 1))
         # the revolutions count on across the change: the new fabric's first revolution is the next one
         self._revs_before = 0 if change is None else self._stream.frame(change - 1)[1].revolution + 1
 

@@ -326,3 +326,34 @@ def test_the_cutline_is_known_from_its_first_pass(stream: list[tuple[np.ndarray,
     assert on_it.count(1) >= 2  # the second pass is known before the circumference is (then from it)
     later = [p for p in out if p["circumference_px"] is not None]
     assert later and all(abs(p["cutline_px"] - first) < 3 for p in later)
+
+
+def test_image_position_learns_the_fabric_afresh_when_the_machine_changes_article() -> None:
+    """Jersey at a 6 px pitch, then (frame 50) pique of another yarn at 9 px: the pitch is measured again,
+    the new fabric's cutline and circumference are learned, and the revolutions count on, one a revolution."""
+    sim = SimulatorConfig(pitch_px=6.0, speed_px=SPEED, revolution_frames=REV_FRAMES, seed=4, change_frame=50,
+                          change_texture="pique", change_pitch_px=9.0, change_brightness=100.0)
+    src = SimulatorSource(W, H, fps=10.0, sim=sim)
+    src.open()
+    est = ImagePosition(PositionConfig())
+    out, truths = [], []
+    for _ in range(50 + 5 * REV_FRAMES):
+        img = src.read()
+        assert img is not None
+        out.append(est.update(img, None))
+        truths.append(dict(src.truth or {}))
+    assert est.fabric_changes == 1 and abs(est.pitch - 9.0) < 0.5
+    revs = [p["rev"] for p in out]
+    assert revs == sorted(revs), "revolutions went back"
+    # the new fabric learned afresh (no circumference for a while), then a revolution counted per true revolution
+    relearn = max(i for i, p in enumerate(out) if p["circumference_px"] is None)
+    assert truths[relearn]["texture"] == "pique"
+    known = list(zip(out, truths, strict=True))[relearn + 1:]
+    assert known and abs(known[-1][0]["circumference_px"] - C_TRUE) < 2.0
+
+    def turns(p: dict, t: dict) -> tuple[float, float]:  # (estimated, true) revolutions turned
+        return (p["rev"] + p["offset_px"] / p["circumference_px"],
+                t["revolution"] + t["offset_px"] / t["circumference_px"])
+
+    (e0, t0), (e1, t1) = turns(*known[0]), turns(*known[-1])
+    assert t1 - t0 >= 2 and abs((e1 - e0) - (t1 - t0)) < 0.01
