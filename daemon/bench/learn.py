@@ -211,7 +211,9 @@ def register(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--defects-from", type=int, default=600, metavar="FRAMES",
                    help="scheduled defects from this many frames after the change on (default 600: after the "
                    "recording)")
-    p.add_argument("--defect-every", type=int, default=40, metavar="FRAMES", help="a defect every FRAMES frames")
+    p.add_argument("--defect-every", type=int, default=37, metavar="FRAMES",
+                   help="a defect every FRAMES frames (default 37: not a fraction of the demo's 80-frame revolution, "
+                   "so no defect lands where one was a revolution before - that would be the same defect recurring)")
     p.add_argument("--position", choices=("image", "simulator"), default="image",
                    help="the camera's fabric position (default image, as a real camera)")
     p.add_argument("--after-s", type=float, default=300.0, help="seconds of the new model (default 300)")
