@@ -69,8 +69,9 @@ def _replay(rec: dict[str, Any], *args: str) -> dict[str, Any]:
 
 
 def _normalised(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records without their latency, event ids numbered by first appearance (the live stage without a
-    store numbers them -1, -2 ...; the replay 1, 2 ...)."""
+    """Records without their latency and the live stage's model id and capture time (the replay judges with
+    the recording's one model), event ids numbered by first appearance (the live stage without a store
+    numbers them -1, -2 ...; the replay 1, 2 ...)."""
     ids: dict[Any, int] = {}
 
     def eid(v: Any) -> Any:  # noqa: ANN401
@@ -78,7 +79,7 @@ def _normalised(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     out = []
     for r in sorted(rows, key=lambda r: r["seq"]):
-        r = {k: v for k, v in r.items() if k != "latency_ms"}
+        r = {k: v for k, v in r.items() if k not in ("latency_ms", "model", "t_wall_ns")}
         if "event_id" in r:
             r["event_id"] = eid(r["event_id"])
             r["event_ids"] = [eid(e) for e in r["event_ids"]]
