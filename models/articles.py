@@ -242,10 +242,6 @@ class Library:
         sel["cameras"][camera] = {"model": summary, "since": now_iso(), "by": who, "history": history}
         write_json_atomic(self.selection_path, sel)
 
-    def select_default(self, camera: str, summary: dict[str, Any], *, who: str = "") -> None:
-        """Select a model outside the library (the configured checkpoint) - the rollback target."""
-        self._select(camera, summary, who=who)
-
 
 def read_selection(path: Path) -> dict[str, Any]:
     """The selection file, or an empty selection when it does not exist; a broken one is an error."""

@@ -67,6 +67,7 @@ class InferStage(Stage):
         self._loading: dict[str, threading.Thread] = {}
         self._loaded: list[tuple[str, Detector | None, float, str]] = []  # (id, detector, ms, error) from threads
         self._unwanted_since: dict[str, float] = {}
+        self._next_follow = 0.0
         self._failed: dict[str, float] = {}  # model id -> when its load failed (retried after a minute)
         self.model_loads: list[dict[str, Any]] = []
         for mid, m in self.selection.wanted().items():  # at start: every selected model before we are ready
@@ -108,8 +109,11 @@ class InferStage(Stage):
                           models=sorted(self.dets))
 
     def _follow_selection(self) -> None:
-        """Load newly selected models in a thread; forget the ones no camera has used for a minute."""
-        self.selection.poll()
+        """Load newly selected models in a thread; forget the ones no camera has used for a minute. Once a
+        second (when the selection is polled) or when a load has finished - not on every step."""
+        if not self.selection.poll() and not self._loaded and time.monotonic() < self._next_follow:
+            return
+        self._next_follow = time.monotonic() + 1.0
         self._install_loaded()
         wanted = self.selection.wanted()
         now = time.monotonic()
